@@ -1,0 +1,91 @@
+"""A blocking byte budget shared by every stage that holds capture data in host memory."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from llminstr.errors import ConfigError, WriterFailedError
+
+
+class MemoryBudget:
+    """Counts bytes held by slabs, chunk assemblers and the encode queue.
+
+    ``acquire(n)`` blocks while fewer than ``n`` bytes are free (backpressure) and adds
+    the time spent waiting to :attr:`stall_seconds`. ``release(n)`` gives bytes back.
+    A failing pipeline calls :meth:`poison`, which wakes every waiter with an error, so a
+    producer never waits forever on a writer that died.
+    """
+
+    def __init__(self, limit_bytes: int) -> None:
+        if limit_bytes <= 0:
+            raise ConfigError(f"memory budget must be positive; got {limit_bytes} bytes")
+        self.limit = int(limit_bytes)
+        self._used = 0
+        self._peak = 0
+        self._stall = 0.0
+        self._stall_events = 0
+        self._cond = threading.Condition()
+        self._poison: BaseException | None = None
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    @property
+    def peak(self) -> int:
+        return self._peak
+
+    @property
+    def stall_seconds(self) -> float:
+        return self._stall
+
+    @property
+    def stall_events(self) -> int:
+        return self._stall_events
+
+    def acquire(self, nbytes: int) -> None:
+        """Reserve ``nbytes``, blocking until they are free."""
+        if nbytes <= 0:
+            return
+        if nbytes > self.limit:
+            raise ConfigError(
+                f"one allocation of {nbytes} bytes exceeds the whole memory budget of "
+                f"{self.limit} bytes; raise max_memory_gb or lower chunk_rows"
+            )
+        with self._cond:
+            if self._poison is None and self._used + nbytes <= self.limit:
+                self._take(nbytes)
+                return
+            start = time.perf_counter()
+            self._stall_events += 1
+            try:
+                while self._poison is None and self._used + nbytes > self.limit:
+                    self._cond.wait(timeout=1.0)
+            finally:
+                self._stall += time.perf_counter() - start
+            if self._poison is not None:
+                raise WriterFailedError(
+                    f"the capture pipeline failed while waiting for buffer memory: {self._poison!r}"
+                ) from self._poison
+            self._take(nbytes)
+
+    def _take(self, nbytes: int) -> None:
+        self._used += nbytes
+        if self._used > self._peak:
+            self._peak = self._used
+
+    def release(self, nbytes: int) -> None:
+        if nbytes <= 0:
+            return
+        with self._cond:
+            self._used -= nbytes
+            if self._used < 0:  # a bookkeeping bug must not hide: fail loudly
+                self._used = 0
+                raise RuntimeError("memory budget released more bytes than were acquired")
+            self._cond.notify_all()
+
+    def poison(self, exc: BaseException) -> None:
+        with self._cond:
+            self._poison = exc
+            self._cond.notify_all()

@@ -1,0 +1,552 @@
+"""Read llminstr captures (format 1.x) from either backend, as lazy Dask arrays.
+
+Every capture file is untrusted input: metadata documents are size-bounded and checked
+against the JSON Schemas, shapes are cross-checked, chunk frames are decoded with their
+size verified (and their CRC32C, when present), and failures raise :class:`LlminstrError`
+subclasses that name the site and chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llminstr.errors import (
+    CaptureNotFoundError,
+    CorruptChunkError,
+    FormatError,
+    NotACaptureError,
+    SiteNotFoundError,
+)
+from llminstr.format import (
+    ACTIVATIONS_GROUP,
+    ATTR_KEY,
+    COMMIT_DATASET,
+    MAX_DOCUMENT_BYTES,
+    STATUS_CODES,
+    STORAGE_DTYPE,
+    TOKENS_GROUP,
+    parse_document,
+    validate_root,
+    validate_site,
+    validate_token,
+)
+from llminstr.storage.codec import decode_frame
+
+_STATUS_BY_CODE = {v: k for k, v in STATUS_CODES.items()}
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def detect_backend(path: Path) -> str:
+    if not path.exists():
+        raise CaptureNotFoundError(f"no capture at {str(path)!r}: the path does not exist")
+    if path.is_dir():
+        if (path / "zarr.json").is_file():
+            return "zarr"
+        raise NotACaptureError(
+            f"{str(path)!r} is a directory without zarr.json: not a Zarr v3 capture"
+        )
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head == HDF5_SIGNATURE:
+        return "hdf5"
+    raise NotACaptureError(f"{str(path)!r} is neither a Zarr v3 directory nor an HDF5 file")
+
+
+# ---------------------------------------------------------------------- chunk sources
+class _Source:
+    """Reads decoded chunks of one array. Picklable (holds only paths and metadata), so
+    Dask graphs built on it run on distributed workers too."""
+
+    def __init__(
+        self, path: str, backend: str, key: str, site: str, doc: dict[str, Any], rows: int
+    ) -> None:
+        self.path = path
+        self.backend = backend
+        self.key = key
+        self.site = site
+        self.rows = rows
+        self.chunk_rows = int(doc["chunk_rows"])
+        self.feature_shape = tuple(int(d) for d in doc.get("feature_shape", ()))
+        self.dtype = np.dtype(doc["storage_dtype"]).newbyteorder("<")
+        codec = doc["codec"]
+        self.cname = codec["cname"] if codec else None
+        self.checksum = doc["checksum"] == "crc32c"
+        self.shape = (rows, *self.feature_shape)
+        self.ndim = len(self.shape)
+
+    def read_chunk(self, index: int) -> np.ndarray:
+        """Decoded chunk ``index`` (full ``chunk_rows`` rows)."""
+        chunk_shape = (self.chunk_rows, *self.feature_shape)
+        cname = self.cname
+        try:
+            if self.backend == "zarr":
+                frame = _read_zarr_frame(self.path, self.key, index, len(self.feature_shape))
+            else:
+                mask, frame = _read_hdf5_frame(
+                    self.path, self.key, index, self.chunk_rows, len(self.feature_shape)
+                )
+                # HDF5 may store a chunk with its (optional) Blosc filter skipped, e.g. when it
+                # rewrites the edge chunk on resize; bit 0 of the filter mask says so.
+                if mask == 1 and cname is not None:
+                    cname = None
+                elif mask != 0:
+                    raise CorruptChunkError(self.site, index, f"unexpected HDF5 filter mask {mask}")
+        except FileNotFoundError:
+            raise CorruptChunkError(
+                self.site, index, "the chunk is missing from the store"
+            ) from None
+        if frame is None:
+            raise CorruptChunkError(self.site, index, "the chunk is missing from the store")
+        limit = int(np.prod(chunk_shape)) * self.dtype.itemsize + 64
+        if len(frame) > limit:
+            raise CorruptChunkError(
+                self.site, index, f"frame of {len(frame)} bytes exceeds {limit}"
+            )
+        try:
+            return decode_frame(
+                frame,
+                cname=cname,
+                checksum=self.checksum,
+                dtype=self.dtype,
+                chunk_shape=chunk_shape,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise CorruptChunkError(self.site, index, str(exc)) from exc
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        start, stop = max(0, start), min(stop, self.rows)
+        out = np.empty((max(0, stop - start), *self.feature_shape), dtype=self.dtype)
+        if stop <= start:
+            return out
+        cr = self.chunk_rows
+        for index in range(start // cr, (stop - 1) // cr + 1):
+            chunk = self.read_chunk(index)
+            lo, hi = max(start, index * cr), min(stop, (index + 1) * cr)
+            out[lo - start : hi - start] = chunk[lo - index * cr : hi - index * cr]
+        return out
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if not isinstance(key, tuple):
+            key = (key,)
+        rows = key[0] if key else slice(None)
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            idx = np.arange(self.rows)[rows]
+            if idx.size == 0:
+                return np.empty((0, *self.feature_shape), dtype=self.dtype)[
+                    key[1:] if len(key) > 1 else ()
+                ]
+            block = self.read_rows(int(idx.min()), int(idx.max()) + 1)[idx - int(idx.min())]
+            return block[(slice(None), *key[1:])] if len(key) > 1 else block
+        start, stop, _ = rows.indices(self.rows)
+        block = self.read_rows(start, stop)
+        return block[(slice(None), *key[1:])] if len(key) > 1 else block
+
+
+def _read_zarr_frame(path: str, key: str, index: int, feature_ndim: int) -> bytes:
+    parts = [path, key, "c", str(index), *("0" for _ in range(feature_ndim))]
+    with open(os.path.join(*parts), "rb") as fh:
+        return fh.read()
+
+
+_H5_FILES: dict[str, Any] = {}
+_H5_LOCK = threading.RLock()
+
+
+def _h5_file(path: str) -> Any:
+    import h5py
+    import hdf5plugin  # noqa: F401  (registers the Blosc filter for direct reads too)
+
+    f = _H5_FILES.get(path)
+    if f is None or not f.id.valid:
+        f = h5py.File(path, "r", swmr=True, libver=("v110", "v110"))
+        _H5_FILES[path] = f
+    return f
+
+
+def _read_hdf5_frame(
+    path: str, key: str, index: int, chunk_rows: int, feature_ndim: int
+) -> tuple[int, bytes | None]:
+    with _H5_LOCK:
+        f = _h5_file(path)
+        ds = f[key]
+        ds.id.refresh()
+        offset = (index * chunk_rows, *(0 for _ in range(feature_ndim)))
+        if offset[0] >= ds.shape[0]:
+            return 0, None
+        try:
+            mask, frame = ds.id.read_direct_chunk(offset)
+        except (KeyError, OSError, ValueError):
+            return 0, None
+    return int(mask), bytes(frame)
+
+
+# ---------------------------------------------------------------------- capture
+class Capture:
+    """A read-only view of a capture. Obtain one with :func:`open_capture`.
+
+    Only committed rows are visible. :meth:`refresh` re-reads the commit record, so a
+    reader can follow a capture while it is being written.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.backend = detect_backend(self.path)
+        self._array_docs: dict[str, dict[str, Any]] = {}
+        self._array_lengths: dict[str, int] = {}
+        self.refresh()
+
+    # -- metadata loading
+    def refresh(self) -> None:
+        """Re-read metadata and the commit record (a live capture may have grown)."""
+        where = str(self.path)
+        if self.backend == "zarr":
+            root_doc = self._zarr_root(where)
+        else:
+            root_doc = self._hdf5_root(where)
+        validate_root(root_doc, where)
+        self._root = root_doc
+        self._check_layout()
+
+    def _zarr_root(self, where: str) -> dict[str, Any]:
+        meta = self._zarr_json(self.path / "zarr.json", where)
+        attrs = meta.get("attributes", {}) if isinstance(meta, dict) else {}
+        root = attrs.get(ATTR_KEY) if isinstance(attrs, dict) else None
+        if root is None:
+            raise NotACaptureError(
+                f"{where} is a Zarr store without the '{ATTR_KEY}' root attribute"
+            )
+        names = (
+            [(TOKENS_GROUP, c) for c in root.get("token_columns", [])]
+            + [(ACTIVATIONS_GROUP, s) for s in root.get("sites", [])]
+            if isinstance(root, dict)
+            else []
+        )
+        for group, name in names:
+            key = f"{group}/{name}"
+            ameta = self._zarr_json(
+                self.path / group / str(name) / "zarr.json", f"{where}: array {key}"
+            )
+            if not isinstance(ameta, dict) or ameta.get("node_type") != "array":
+                raise FormatError(f"{where}: {key} is not a Zarr array")
+            doc = (ameta.get("attributes") or {}).get(ATTR_KEY)
+            shape = ameta.get("shape")
+            if not isinstance(shape, list) or not shape or not isinstance(shape[0], int):
+                raise FormatError(f"{where}: {key} has an invalid shape {shape!r}")
+            self._array_docs[key] = doc
+            self._array_lengths[key] = int(shape[0])
+            self._check_zarr_array(key, ameta, doc, where)
+        return root  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _zarr_json(path: Path, where: str) -> Any:
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise FormatError(f"{where}: {path.name} is missing") from None
+        if size > MAX_DOCUMENT_BYTES:
+            raise FormatError(f"{where}: {path} is {size} bytes, above the metadata limit")
+        return parse_document(path.read_bytes(), where)
+
+    def _check_zarr_array(self, key: str, meta: dict[str, Any], doc: Any, where: str) -> None:
+        if not isinstance(doc, dict):
+            raise FormatError(f"{where}: array {key} lacks its '{ATTR_KEY}' attribute")
+        chunk_shape = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
+        expected_chunks = [doc.get("chunk_rows"), *doc.get("feature_shape", [])]
+        if chunk_shape != expected_chunks:
+            raise FormatError(
+                f"{where}: array {key} has chunk shape {chunk_shape}; its metadata says {expected_chunks}"
+            )
+        if meta.get("data_type") != doc.get("storage_dtype"):
+            raise FormatError(
+                f"{where}: array {key} has data type {meta.get('data_type')!r}; its metadata says "
+                f"{doc.get('storage_dtype')!r}"
+            )
+        if list(meta.get("shape", [])[1:]) != list(doc.get("feature_shape", [])):
+            raise FormatError(
+                f"{where}: array {key} has shape {meta.get('shape')}; its feature shape should be "
+                f"{doc.get('feature_shape')}"
+            )
+        names = [c.get("name") for c in meta.get("codecs", [])]
+        expected = (
+            ["bytes"]
+            + (["blosc"] if doc.get("codec") else [])
+            + (["crc32c"] if doc.get("checksum") else [])
+        )
+        if names != expected:
+            raise FormatError(
+                f"{where}: array {key} has codecs {names}; its metadata implies {expected}"
+            )
+
+    def _hdf5_root(self, where: str) -> dict[str, Any]:
+        with _H5_LOCK:
+            try:
+                f = _h5_file(str(self.path))
+            except OSError as exc:
+                raise NotACaptureError(f"{where} could not be opened as HDF5: {exc}") from exc
+            raw = f.attrs.get(ATTR_KEY)
+            if raw is None:
+                raise NotACaptureError(
+                    f"{where} is an HDF5 file without the '{ATTR_KEY}' root attribute"
+                )
+            root = parse_document(raw if isinstance(raw, (str, bytes)) else str(raw), where)
+            if not isinstance(root, dict):
+                raise NotACaptureError(f"{where}: the '{ATTR_KEY}' attribute is not a JSON object")
+            if COMMIT_DATASET not in f:
+                raise FormatError(f"{where}: the {COMMIT_DATASET} dataset is missing")
+            rec_ds = f[COMMIT_DATASET]
+            rec_ds.id.refresh()
+            if rec_ds.shape != (4,):
+                raise FormatError(
+                    f"{where}: {COMMIT_DATASET} must have shape (4,); got {rec_ds.shape}"
+                )
+            rec = rec_ds[...]
+            seq, rows, code = int(rec[0]), int(rec[1]), int(rec[2])
+            if code not in _STATUS_BY_CODE or rows < 0:
+                raise FormatError(f"{where}: invalid commit record {rec.tolist()}")
+            # The commit record is authoritative while it is newer than the root attribute.
+            if seq >= int(root.get("commit_seq", 0) or 0):
+                root["committed_rows"] = rows
+                root["status"] = _STATUS_BY_CODE[code]
+                root["commit_seq"] = seq
+            names = [(TOKENS_GROUP, c) for c in root.get("token_columns", [])] + [
+                (ACTIVATIONS_GROUP, s) for s in root.get("sites", [])
+            ]
+            for group, name in names:
+                key = f"{group}/{name}"
+                if key not in f:
+                    raise FormatError(f"{where}: dataset {key} is missing")
+                ds = f[key]
+                ds.id.refresh()
+                doc = parse_document(ds.attrs.get(ATTR_KEY, "null"), f"{where}: {key}")
+                if not isinstance(doc, dict):
+                    raise FormatError(f"{where}: dataset {key} lacks its '{ATTR_KEY}' attribute")
+                if list(ds.chunks or []) != [doc.get("chunk_rows"), *doc.get("feature_shape", [])]:
+                    raise FormatError(
+                        f"{where}: dataset {key} has chunks {ds.chunks}; its metadata says "
+                        f"{[doc.get('chunk_rows'), *doc.get('feature_shape', [])]}"
+                    )
+                if list(ds.shape[1:]) != list(doc.get("feature_shape", [])):
+                    raise FormatError(
+                        f"{where}: dataset {key} has shape {ds.shape}, unlike its metadata"
+                    )
+                if np.dtype(ds.dtype).name != doc.get("storage_dtype"):
+                    raise FormatError(
+                        f"{where}: dataset {key} has dtype {ds.dtype}; its metadata says {doc.get('storage_dtype')}"
+                    )
+                self._array_docs[key] = doc
+                self._array_lengths[key] = int(ds.shape[0])
+        return root
+
+    def _check_layout(self) -> None:
+        where = str(self.path)
+        rows = int(self._root["committed_rows"])
+        chunk_rows = int(self._root["chunk_rows"])
+        for key, doc in self._array_docs.items():
+            if key.startswith(f"{ACTIVATIONS_GROUP}/"):
+                validate_site(doc, f"{where}: {key}")
+                if STORAGE_DTYPE[doc["logical_dtype"]] != doc["storage_dtype"]:
+                    raise FormatError(
+                        f"{where}: {key} stores {doc['storage_dtype']} for {doc['logical_dtype']}"
+                    )
+            else:
+                validate_token(doc, f"{where}: {key}")
+            if doc["chunk_rows"] != chunk_rows:
+                raise FormatError(
+                    f"{where}: {key} has chunk_rows {doc['chunk_rows']}; the capture uses {chunk_rows}"
+                )
+            if self._array_lengths[key] < rows:
+                raise FormatError(
+                    f"{where}: {key} holds {self._array_lengths[key]} rows but {rows} are committed"
+                )
+
+    # -- public surface
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The root metadata document (a copy)."""
+        return json.loads(json.dumps(self._root))  # type: ignore[no-any-return]
+
+    @property
+    def format_version(self) -> str:
+        return str(self._root["format_version"])
+
+    @property
+    def status(self) -> str:
+        return str(self._root["status"])
+
+    @property
+    def num_rows(self) -> int:
+        return int(self._root["committed_rows"])
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self._root["chunk_rows"])
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self._root["sites"])
+
+    @property
+    def token_columns(self) -> list[str]:
+        return list(self._root["token_columns"])
+
+    def site_info(self, name: str) -> dict[str, Any]:
+        key = f"{ACTIVATIONS_GROUP}/{name}"
+        if key not in self._array_docs or name not in self._root["sites"]:
+            raise SiteNotFoundError(
+                f"capture {str(self.path)!r} has no site {name!r}; sites: {self.sites}"
+            )
+        return dict(self._array_docs[key])
+
+    def _source(self, key: str, label: str) -> _Source:
+        return _Source(
+            str(self.path), self.backend, key, label, self._array_docs[key], self.num_rows
+        )
+
+    def activations(self, name: str, *, logical: bool = True) -> Any:
+        """Lazy ``dask.array`` of shape ``(num_rows, *feature_shape)``, chunked like storage.
+
+        bfloat16 sites come back as ``ml_dtypes.bfloat16`` (``logical=False``: raw uint16).
+        """
+        import dask.array as da
+
+        info = self.site_info(name)
+        src = self._source(f"{ACTIVATIONS_GROUP}/{name}", name)
+        arr = da.from_array(
+            src,
+            chunks=(self.chunk_rows, *src.feature_shape),
+            asarray=False,
+            lock=False,
+            fancy=False,
+            meta=np.empty((0,) * src.ndim, dtype=src.dtype),
+            name=f"llminstr-{_token(self.path, name, self.num_rows, self._root['commit_seq'])}",
+        )
+        if logical and info["logical_dtype"] == "bfloat16":
+            import ml_dtypes
+
+            arr = arr.view(ml_dtypes.bfloat16)
+        return arr
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Eagerly read rows ``[start, stop)`` of a site (logical dtype) into numpy."""
+        info = self.site_info(name)
+        stop = self.num_rows if stop is None else min(stop, self.num_rows)
+        out = self._source(f"{ACTIVATIONS_GROUP}/{name}", name).read_rows(start, stop)
+        if info["logical_dtype"] == "bfloat16":
+            import ml_dtypes
+
+            return out.view(ml_dtypes.bfloat16)
+        return out
+
+    @property
+    def tokens(self) -> Mapping[str, Any]:
+        """Token columns: name -> lazy dask array of length ``num_rows`` (int64)."""
+        return _Tokens(self)
+
+    def token_table(self, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
+        """Eagerly read rows ``[start, stop)`` of every token column."""
+        stop = self.num_rows if stop is None else min(stop, self.num_rows)
+        return {
+            c: self._source(f"{TOKENS_GROUP}/{c}", f"tokens/{c}").read_rows(start, stop)
+            for c in self.token_columns
+        }
+
+    def verify(self) -> list[str]:
+        """Decode every committed chunk of every array; return a list of problems (empty: OK)."""
+        problems: list[str] = []
+        nchunks = -(-self.num_rows // self.chunk_rows)
+        for key in self._array_docs:
+            label = key.split("/", 1)[1] if key.startswith(ACTIVATIONS_GROUP) else key
+            src = self._source(key, label)
+            for i in range(nchunks):
+                try:
+                    src.read_chunk(i)
+                except CorruptChunkError as exc:
+                    problems.append(str(exc))
+        return problems
+
+    def to_xarray(self) -> Any:
+        """An ``xarray.Dataset``: one variable per site over dims ``row`` and
+        ``<site>.feature``; token columns as coordinates on ``row``."""
+        import xarray as xr
+
+        coords = {c: ("row", arr) for c, arr in self.tokens.items()}
+        data_vars = {}
+        for name in self.sites:
+            info = self.site_info(name)
+            dims = ["row", *(f"{name}.{d}" for d in info["dimension_names"][1:])]
+            data_vars[name] = (
+                dims,
+                self.activations(name),
+                {
+                    k: v
+                    for k, v in info.items()
+                    if v is not None and not isinstance(v, (dict, list))
+                },
+            )
+        attrs = {"llminstr": json.dumps(self._root)}
+        return xr.Dataset(data_vars=data_vars, coords=coords, attrs=attrs)
+
+    def __repr__(self) -> str:
+        return (
+            f"<llminstr Capture {str(self.path)!r} v{self.format_version} {self.status} "
+            f"rows={self.num_rows} sites={len(self.sites)} backend={self.backend}>"
+        )
+
+    def close(self) -> None:
+        if self.backend == "hdf5":
+            with _H5_LOCK:
+                f = _H5_FILES.pop(str(self.path), None)
+                if f is not None:
+                    f.close()
+
+    def __enter__(self) -> Capture:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Tokens(Mapping[str, Any]):
+    def __init__(self, capture: Capture) -> None:
+        self._capture = capture
+
+    def __getitem__(self, column: str) -> Any:
+        import dask.array as da
+
+        cap = self._capture
+        if column not in cap.token_columns:
+            raise SiteNotFoundError(f"no token column {column!r}; columns: {cap.token_columns}")
+        src = cap._source(f"{TOKENS_GROUP}/{column}", f"tokens/{column}")
+        return da.from_array(
+            src,
+            chunks=(cap.chunk_rows,),
+            asarray=False,
+            lock=False,
+            fancy=False,
+            meta=np.empty((0,), dtype=src.dtype),
+            name=f"llminstr-tok-{_token(cap.path, column, cap.num_rows, cap._root['commit_seq'])}",
+        )
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._capture.token_columns)
+
+    def __len__(self) -> int:
+        return len(self._capture.token_columns)
+
+
+def _token(path: Path, name: str, rows: int, seq: Any) -> str:
+    import hashlib
+
+    return hashlib.sha1(f"{path.resolve()}|{name}|{rows}|{seq}".encode()).hexdigest()[:16]
+
+
+def open_capture(path: str | os.PathLike[str]) -> Capture:
+    """Open a capture read-only (either backend). Only committed rows are visible."""
+    return Capture(path)

@@ -1,0 +1,341 @@
+"""Store backends: where frames and metadata documents land (Zarr v3 directory or HDF5 file).
+
+A backend is told the layout once (:meth:`StoreBackend.create`), then receives
+pre-encoded chunk frames (:meth:`write_chunk`, callable from any thread) and commit
+records (:meth:`publish`). It never encodes data itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from llminstr.format import (
+    ACTIVATIONS_GROUP,
+    ATTR_KEY,
+    COMMIT_DATASET,
+    STATUS_CODES,
+    TOKENS_GROUP,
+    CodecConfig,
+)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ArrayDecl:
+    """One stored array: a token column or a site."""
+
+    group: str  # TOKENS_GROUP or ACTIVATIONS_GROUP
+    name: str
+    storage_dtype: str
+    feature_shape: tuple[int, ...]
+    chunk_rows: int
+    document: dict[str, Any]  # the llminstr attribute document of the array
+
+    @property
+    def key(self) -> str:
+        return f"{self.group}/{self.name}"
+
+    @property
+    def chunk_shape(self) -> tuple[int, ...]:
+        return (self.chunk_rows, *self.feature_shape)
+
+    @property
+    def chunk_bytes(self) -> int:
+        return int(np.prod(self.chunk_shape)) * np.dtype(self.storage_dtype).itemsize
+
+
+def atomic_write(path: Path, data: bytes, *, fsync: bool = False) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        if fsync:
+            fh.flush()
+            os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class StoreBackend(ABC):
+    """Contract of a storage backend. ``write_chunk`` is thread-safe; the rest is called
+    from one thread at a time (the writer serialises publishes)."""
+
+    name: str
+
+    @abstractmethod
+    def create(self, root: dict[str, Any], arrays: Sequence[ArrayDecl], codec: CodecConfig) -> None:
+        """Lay out groups and empty arrays, with ``root`` as the root metadata document."""
+
+    @abstractmethod
+    def write_chunk(
+        self, array: ArrayDecl, index: int, parts: Sequence[bytes | memoryview], extent: int
+    ) -> None:
+        """Store the frame of chunk ``index`` (replacing any earlier frame of it).
+        ``extent`` is the number of rows the array must at least hold afterwards."""
+
+    @abstractmethod
+    def publish(self, root: dict[str, Any]) -> None:
+        """Make ``root['committed_rows']`` and ``root['status']`` visible to readers, atomically,
+        after every chunk written before the call."""
+
+    @abstractmethod
+    def close(self, root: dict[str, Any]) -> None:
+        """Publish the final document and release every handle. Idempotent."""
+
+
+class ZarrBackend(StoreBackend):
+    """Zarr v3 directory store. Chunk frames are written as files under the keys of the
+    ``default`` chunk key encoding (``c/<row chunk>/0/...``); metadata documents are
+    replaced atomically (temporary file + rename)."""
+
+    name = "zarr"
+
+    def __init__(self, path: Path, *, fsync: bool = False) -> None:
+        self.path = path
+        self.fsync = fsync
+        self._array_docs: dict[str, dict[str, Any]] = {}
+        self._published_rows: dict[str, int] = {}
+        self._made_dirs: set[Path] = set()
+        self._dir_lock = threading.Lock()
+
+    def create(self, root: dict[str, Any], arrays: Sequence[ArrayDecl], codec: CodecConfig) -> None:
+        import zarr
+        from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
+
+        group = zarr.open_group(str(self.path), mode="w-", zarr_format=3)
+        group.attrs[ATTR_KEY] = root
+        subgroups = {
+            TOKENS_GROUP: group.create_group(TOKENS_GROUP),
+            ACTIVATIONS_GROUP: group.create_group(ACTIVATIONS_GROUP),
+        }
+        for decl in arrays:
+            compressors: list[Any] = []
+            if codec.cname is not None:
+                compressors.append(
+                    BloscCodec(
+                        cname=codec.cname,
+                        clevel=int(codec.clevel or 1),
+                        shuffle="shuffle",
+                        typesize=np.dtype(decl.storage_dtype).itemsize,
+                        blocksize=0,
+                    )
+                )
+            if codec.checksum:
+                compressors.append(Crc32cCodec())
+            subgroups[decl.group].create_array(
+                decl.name,
+                shape=(0, *decl.feature_shape),
+                chunks=decl.chunk_shape,
+                dtype=decl.storage_dtype,
+                serializer=BytesCodec(endian="little"),
+                compressors=compressors or None,
+                fill_value=0,
+                dimension_names=decl.document["dimension_names"],
+                attributes={ATTR_KEY: decl.document},
+            )
+            meta_path = self.path / decl.key / "zarr.json"
+            self._array_docs[decl.key] = json.loads(meta_path.read_bytes())
+            self._published_rows[decl.key] = 0
+        self._root_doc = json.loads((self.path / "zarr.json").read_bytes())
+
+    def write_chunk(
+        self, array: ArrayDecl, index: int, parts: Sequence[bytes | memoryview], extent: int
+    ) -> None:
+        *dirs, leaf = ["c", str(index), *("0" for _ in array.feature_shape)]
+        folder = self.path / array.key
+        for d in dirs:
+            folder = folder / d
+        if folder not in self._made_dirs:
+            folder.mkdir(parents=True, exist_ok=True)
+            with self._dir_lock:
+                self._made_dirs.add(folder)
+        target = folder / leaf
+        tmp = folder / f".{leaf}.{threading.get_ident()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            views = [memoryview(p) for p in parts]
+            total = sum(v.nbytes for v in views)
+            written = os.writev(fd, views)
+            while written < total:  # short write: finish it part by part
+                flat = b"".join(bytes(v) for v in views)
+                written += os.write(fd, flat[written:])
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+
+    def publish(self, root: dict[str, Any]) -> None:
+        rows = int(root["committed_rows"])
+        for key, doc in self._array_docs.items():
+            if self._published_rows[key] != rows:
+                doc["shape"][0] = rows
+                atomic_write(
+                    self.path / key / "zarr.json",
+                    json.dumps(doc, indent=2).encode(),
+                    fsync=self.fsync,
+                )
+                self._published_rows[key] = rows
+        self._root_doc["attributes"][ATTR_KEY] = root
+        atomic_write(
+            self.path / "zarr.json", json.dumps(self._root_doc, indent=2).encode(), fsync=self.fsync
+        )
+
+    def close(self, root: dict[str, Any]) -> None:
+        self.publish(root)
+
+
+class HDF5Backend(StoreBackend):
+    """HDF5 file in SWMR mode (``libver=("v110", "v110")``). Every h5py call runs on one
+    dedicated thread; chunk frames go in with ``write_direct_chunk``. The live commit record
+    is the ``llminstr_commit`` dataset; the root attribute is rewritten at close."""
+
+    name = "hdf5"
+
+    def __init__(self, path: Path, *, fsync: bool = False) -> None:
+        self.path = path
+        self.fsync = fsync
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llminstr-hdf5")
+        self._file: Any = None
+        self._datasets: dict[str, Any] = {}
+        self._extent: dict[str, int] = {}
+        self._closed = False
+
+    def _call(self, fn: Any, *args: Any) -> Any:
+        return self._thread.submit(fn, *args).result()
+
+    def create(self, root: dict[str, Any], arrays: Sequence[ArrayDecl], codec: CodecConfig) -> None:
+        self._call(self._create, root, list(arrays), codec)
+
+    def _create(self, root: dict[str, Any], arrays: list[ArrayDecl], codec: CodecConfig) -> None:
+        import h5py
+        import hdf5plugin
+
+        f = h5py.File(self.path, "w-", libver=("v110", "v110"))
+        self._file = f
+        f.attrs[ATTR_KEY] = json.dumps(root)
+        groups = {
+            TOKENS_GROUP: f.create_group(TOKENS_GROUP),
+            ACTIVATIONS_GROUP: f.create_group(ACTIVATIONS_GROUP),
+        }
+        filters: dict[str, Any] = {}
+        if codec.cname is not None:
+            filters = dict(
+                hdf5plugin.Blosc(
+                    cname=codec.cname,
+                    clevel=int(codec.clevel or 1),
+                    shuffle=hdf5plugin.Blosc.SHUFFLE,
+                )
+            )
+        for decl in arrays:
+            ds = groups[decl.group].create_dataset(
+                decl.name,
+                shape=(0, *decl.feature_shape),
+                maxshape=(None, *decl.feature_shape),
+                chunks=decl.chunk_shape,
+                dtype=np.dtype(decl.storage_dtype).newbyteorder("<"),
+                fillvalue=0,
+                **filters,
+            )
+            ds.attrs[ATTR_KEY] = json.dumps(decl.document)
+            self._datasets[decl.key] = ds
+            self._extent[decl.key] = 0
+        f.create_dataset(COMMIT_DATASET, data=np.zeros(4, dtype="<i8"))
+        f.swmr_mode = True
+        f.flush()
+
+    def write_chunk(
+        self, array: ArrayDecl, index: int, parts: Sequence[bytes | memoryview], extent: int
+    ) -> None:
+        frame = b"".join(parts) if len(parts) > 1 else bytes(parts[0])
+        self._call(self._write_chunk, array, index, frame, extent)
+
+    def _write_chunk(self, array: ArrayDecl, index: int, frame: bytes, extent: int) -> None:
+        ds = self._datasets[array.key]
+        needed = (index + 1) * array.chunk_rows
+        if self._extent[array.key] < needed:
+            ds.resize(needed, axis=0)
+            self._extent[array.key] = needed
+        offset = (index * array.chunk_rows, *(0 for _ in array.feature_shape))
+        ds.id.write_direct_chunk(offset, frame)
+
+    def publish(self, root: dict[str, Any]) -> None:
+        self._call(self._publish, copy.deepcopy(root))
+
+    def _publish(self, root: dict[str, Any]) -> None:
+        rows = int(root["committed_rows"])
+        for key, ds in self._datasets.items():
+            if self._extent[key] < rows:
+                ds.resize(rows, axis=0)
+                self._extent[key] = rows
+        f = self._file
+        for ds in self._datasets.values():
+            ds.flush()
+        record = np.array(
+            [int(root["commit_seq"]), rows, STATUS_CODES[root["status"]], _now_ms()], dtype="<i8"
+        )
+        f[COMMIT_DATASET][...] = record
+        f[COMMIT_DATASET].flush()
+        f.flush()
+        if self.fsync:
+            os.fsync(f.id.get_vfd_handle())
+
+    def close(self, root: dict[str, Any]) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._file is not None:
+                self._call(self._final, copy.deepcopy(root))
+        finally:
+            self._thread.shutdown(wait=True)
+
+    def _final(self, root: dict[str, Any]) -> None:
+        import h5py
+
+        try:
+            rows = int(root["committed_rows"])
+            for ds in self._datasets.values():  # drop uncommitted rows from the final extent
+                if ds.shape[0] != rows:
+                    ds.resize(rows, axis=0)
+            self._publish(root)
+        finally:
+            self._file.close()
+            self._file = None
+            self._datasets.clear()
+        # SWMR forbids attribute changes; reopen without it to record the final document.
+        with h5py.File(self.path, "r+", libver=("v110", "v110")) as f:
+            f.attrs[ATTR_KEY] = json.dumps(root)
+
+    def abandon(self) -> None:
+        """Close handles without publishing (used when creation itself failed)."""
+        if self._closed:
+            return
+        self._closed = True
+
+        def _close() -> None:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+        try:
+            self._thread.submit(_close).result()
+        finally:
+            self._thread.shutdown(wait=True)
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
