@@ -1,0 +1,595 @@
+"""The capture engine: hooks -> stager -> :class:`~llminstr.storage.writer.CaptureWriter`.
+
+One *pass* is one call of the instrumented root module (a plain forward, or one step of
+``generate``). A pre-hook on the root module plans the pass: which positions are real
+tokens, their ids, sequences and positions. Each site's forward hook hands its output to
+the stager, which copies it out (CPU: into the writer's chunk buffers; CUDA: through a
+dedicated copy stream into pinned slabs, with no synchronisation of the compute stream)
+and keeps only the planned rows. A post-hook on the root checks that every site fired
+exactly once, so row ``i`` is the same token in every array.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llminstr.budget import MemoryBudget
+from llminstr.config import InstrumentationConfig
+from llminstr.errors import CaptureStateError, FormatError, LlminstrError
+from llminstr.format import TOKEN_COLUMNS, SiteInfo, logical_dtype_name
+from llminstr.sites import SiteSpec
+from llminstr.storage.writer import CaptureWriter, WriterStats
+
+log = logging.getLogger("llminstr")
+
+_TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class PassPlan:
+    """What one forward pass contributes: ``batch x seq_len`` positions, of which the
+    planned ones (real tokens, unless padding is kept) become rows.
+
+    The token ids and the attention mask may still be on their way from the GPU when the
+    plan is made; :meth:`resolve` (called by whoever delivers the pass's rows) waits for
+    them and computes the kept positions and the token columns once.
+    """
+
+    def __init__(
+        self,
+        step: int,
+        batch: int,
+        seq_len: int,
+        past: int,
+        sequences: np.ndarray,
+        load_inputs: Callable[[], tuple[np.ndarray | None, np.ndarray | None]],
+        keep_padding: bool,
+    ) -> None:
+        self.step = step
+        self.batch = batch
+        self.seq_len = seq_len
+        self.past = past
+        self.sequences = sequences
+        self._load = load_inputs
+        self._keep_padding = keep_padding
+        self._resolved = False
+        self.keep: np.ndarray | None = None
+        self.tokens: dict[str, np.ndarray] = {}
+        self.n_rows = 0
+
+    def resolve(self) -> PassPlan:
+        if self._resolved:
+            return self
+        ids, mask = self._load()
+        batch, seq_len = self.batch, self.seq_len
+        ids = (
+            ids.reshape(batch, seq_len).astype(np.int64, copy=False)
+            if ids is not None
+            else np.full((batch, seq_len), -1, dtype=np.int64)
+        )
+        if mask is not None:
+            m = mask.astype(bool, copy=False)
+            if m.ndim != 2 or m.shape[0] != batch or m.shape[1] < seq_len:
+                raise FormatError(
+                    f"attention_mask of shape {tuple(m.shape)} does not fit a batch of {batch} "
+                    f"sequences of {seq_len} new tokens"
+                )
+            positions = (np.cumsum(m, axis=1) - 1)[:, -seq_len:]
+            real = m[:, -seq_len:]
+        else:
+            positions = np.broadcast_to(np.arange(self.past, self.past + seq_len), (batch, seq_len))
+            real = np.ones((batch, seq_len), dtype=bool)
+        positions = np.where(real, positions, -1)
+        keep = None if self._keep_padding or bool(real.all()) else real.reshape(-1)
+
+        def pick(a: np.ndarray) -> np.ndarray:
+            flat = np.ascontiguousarray(a, dtype=np.int64).reshape(-1)
+            return flat if keep is None else flat[keep]
+
+        seqs = np.broadcast_to(self.sequences[:, None], (batch, seq_len))
+        tokens = {"token_id": pick(ids), "sequence": pick(seqs), "position": pick(positions)}
+        tokens["step"] = np.full(len(tokens["token_id"]), self.step, dtype=np.int64)
+        if self._keep_padding:
+            tokens["is_padding"] = pick(~real)
+        self.keep, self.tokens, self.n_rows = keep, tokens, len(tokens["token_id"])
+        self._resolved = True
+        return self
+
+
+class _Progress:
+    """A one-line progress display (tqdm) of rows, bytes, rate and buffer fill."""
+
+    def __init__(self, enabled: bool, budget: MemoryBudget) -> None:
+        self._bar: Any = None
+        self._budget = budget
+        self._last = 0.0
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(desc="capture", unit=" rows", dynamic_ncols=True, leave=True)
+
+    def update(self, rows: int, raw_bytes: int, started: float) -> None:
+        if self._bar is None:
+            return
+        now = time.perf_counter()
+        self._bar.update(rows)
+        if now - self._last > 0.5:
+            self._last = now
+            elapsed = max(now - started, 1e-9)
+            self._bar.set_postfix(
+                GB=f"{raw_bytes / 1e9:.3f}",
+                GBps=f"{raw_bytes / elapsed / 1e9:.3f}",
+                buffer=f"{100 * self._budget.used / self._budget.limit:.0f}%",
+                refresh=False,
+            )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+class CaptureSession:
+    """State of one ``capture_activations`` block. Created by the framework."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        sites: Sequence[tuple[SiteSpec, torch.nn.Module]],
+        path: Path,
+        config: InstrumentationConfig,
+        *,
+        overwrite: bool = False,
+        model_descriptor: Mapping[str, Any] | None = None,
+        progress: bool = False,
+    ) -> None:
+        self.model = model
+        self.sites = list(sites)
+        self.path = path
+        self.config = config
+        self.overwrite = overwrite
+        self.model_descriptor = dict(model_descriptor or {})
+        self.budget = MemoryBudget(config.max_memory_bytes)
+        self.writer: CaptureWriter | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._plan: PassPlan | None = None
+        self._fired: list[bool] = [False] * len(self.sites)
+        self._first_pass: list[tuple[int, np.ndarray]] | None = []
+        self._first_tokens: dict[str, np.ndarray] = {}
+        self._step = 0
+        self._next_sequence = 0
+        self._live_sequences: np.ndarray | None = None  # ids of the sequences in the batch
+        self._rows = 0
+        self._raw_bytes = 0
+        self._started = time.perf_counter()
+        self._stager: _Stager | None = None
+        self._progress = _Progress(progress, self.budget)
+        self._extra_columns = ["is_padding"] if config.padding == "keep" else []
+        self.failed: BaseException | None = None
+
+    # ---------------------------------------------------------------- hook management
+    def attach(self) -> None:
+        try:
+            self._handles.append(
+                self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+            )
+            for i, (_spec, module) in enumerate(self.sites):
+                self._handles.append(module.register_forward_hook(self._make_site_hook(i)))
+            self._handles.append(self.model.register_forward_hook(self._post_hook, always_call=True))
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # ---------------------------------------------------------------- hooks
+    def _pre_hook(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._plan is not None:
+            return  # re-entrant call of the root (e.g. a wrapper calling itself): one pass
+        input_ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+        embeds = kwargs.get("inputs_embeds")
+        mask = kwargs.get("attention_mask")
+        if input_ids is not None:
+            batch, seq_len = int(input_ids.shape[0]), int(input_ids.shape[-1])
+        elif embeds is not None:
+            batch, seq_len = int(embeds.shape[0]), int(embeds.shape[1])
+        else:
+            raise CaptureStateError(
+                "cannot tell the tokens of this forward pass: the instrumented model was called "
+                "without input_ids or inputs_embeds"
+            )
+        past = _past_length(kwargs, mask, seq_len)
+        if past == 0 or self._live_sequences is None or len(self._live_sequences) != batch:
+            self._live_sequences = np.arange(self._next_sequence, self._next_sequence + batch)
+            self._next_sequence += batch
+        on_cuda = any(t is not None and t.is_cuda for t in (input_ids, mask))
+        if on_cuda:
+            if self._stager is None:
+                self._stager = _CudaStager(self)
+            loader = self._stager.stage_inputs(input_ids, mask)
+        else:
+            ids_np = input_ids.detach().numpy() if input_ids is not None else None
+            mask_np = mask.detach().numpy() if mask is not None else None
+            loader = lambda: (ids_np, mask_np)  # noqa: E731
+        self._plan = PassPlan(
+            self._step, batch, seq_len, past, self._live_sequences, loader,
+            keep_padding=self.config.padding == "keep",
+        )
+        self._step += 1
+        self._fired = [False] * len(self.sites)
+
+    def _make_site_hook(self, index: int) -> Callable[..., None]:
+        spec = self.sites[index][0]
+
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            plan = self._plan
+            if plan is None:
+                raise CaptureStateError(
+                    f"site {spec.name!r} ran outside a forward pass of the instrumented model; "
+                    "call the model that was passed to instrument_model()"
+                )
+            if self._fired[index]:
+                raise FormatError(
+                    f"site {spec.name!r} ran twice in one forward pass; rows would no longer align. "
+                    "Capture a module that runs once per pass (see module_names)."
+                )
+            self._fired[index] = True
+            tensor = _take(output, spec)
+            self._on_site(index, plan, tensor)
+
+        return hook
+
+    def _post_hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        plan, self._plan = self._plan, None
+        if plan is None:
+            return
+        missing = [self.sites[i][0].name for i, f in enumerate(self._fired) if not f]
+        if missing:
+            raise FormatError(
+                f"sites {missing} did not run in forward step {plan.step}; rows would no longer "
+                "align. Choose sites that run in every pass."
+            )
+        if self._first_pass is not None:
+            self._open_writer(plan)
+        self._progress.update(plan.batch * plan.seq_len, self._raw_bytes, self._started)
+
+    # ---------------------------------------------------------------- data path
+    def _storage_dtype(self, tensor: torch.Tensor, spec: SiteSpec) -> torch.dtype:
+        if self.config.storage_dtype is not None:
+            return _TORCH_DTYPE[self.config.storage_dtype]
+        if tensor.dtype not in _TORCH_DTYPE.values():
+            raise FormatError(
+                f"site {spec.name!r} produced {tensor.dtype}; llminstr stores float32, float16 and "
+                "bfloat16. Set storage_dtype to one of them."
+            )
+        return tensor.dtype
+
+    def _on_site(self, index: int, plan: PassPlan, tensor: torch.Tensor) -> None:
+        spec = self.sites[index][0]
+        rows_total = plan.batch * plan.seq_len
+        if tensor.dim() >= 3 and tuple(tensor.shape[:2]) == (plan.batch, plan.seq_len):
+            feature = tuple(tensor.shape[2:])
+        elif tensor.dim() >= 2 and tensor.shape[0] == rows_total:
+            feature = tuple(tensor.shape[1:])
+        else:
+            raise FormatError(
+                f"site {spec.name!r} returned shape {tuple(tensor.shape)}; expected "
+                f"({plan.batch}, {plan.seq_len}, ...) for this pass"
+            )
+        flat = tensor.detach().reshape(rows_total, *feature)
+        dtype = self._storage_dtype(flat, spec)
+        fresh = flat.dtype != dtype
+        if fresh:
+            flat = flat.to(dtype)
+        if flat.is_cuda:
+            if self._stager is None:
+                self._stager = _CudaStager(self)
+            # The model may change its output in place once the hook returns (Falcon adds
+            # the attention output into the MLP output): snapshot it on the producing stream
+            # first. A device-to-device copy is cheap next to the copy to the host.
+            self._stager.stage(index, plan, flat if fresh else flat.clone())
+        else:
+            self._deliver(index, plan, flat)
+
+    def _deliver(self, index: int, plan: PassPlan, host: torch.Tensor) -> None:
+        """Hand host rows of one site for one pass to the writer (or the first-pass buffer).
+        ``host`` holds every position of the pass; only the planned rows are kept."""
+        plan.resolve()
+        rows = _host_rows(host, plan.keep)
+        self._raw_bytes += rows.nbytes
+        if index == 0:
+            self._rows += plan.n_rows
+        if self._first_pass is not None:
+            self._first_pass.append((index, np.array(rows, copy=True)))
+            if index == 0:
+                self._first_tokens = plan.tokens
+            return
+        assert self.writer is not None
+        if index == 0:
+            self.writer.write_tokens(plan.tokens)
+        self.writer.write_site(self.sites[index][0].name, rows)
+
+    def _open_writer(self, plan: PassPlan) -> None:
+        """The first pass tells every site's feature shape and dtype: create the writer."""
+        if self._stager is not None:
+            self._stager.flush()
+        assert self._first_pass is not None
+        by_index = dict(self._first_pass)
+        infos = []
+        for i, (spec, _module) in enumerate(self.sites):
+            rows = by_index[i]
+            dtype = "bfloat16" if rows.dtype == np.uint16 else logical_dtype_name(rows.dtype)
+            infos.append(
+                SiteInfo(
+                    name=spec.name,
+                    feature_shape=tuple(rows.shape[1:]),
+                    dtype=dtype,
+                    kind=spec.kind,
+                    layer=spec.layer,
+                    module_path=spec.module_path,
+                    module_class=spec.module_class,
+                    tuple_index=spec.tuple_index,
+                )
+            )
+        cfg = self.config
+        self.writer = CaptureWriter(
+            self.path,
+            infos,
+            compression=cfg.compression_algorithm,
+            compression_level=cfg.compression_level,
+            checksum=cfg.checksum,
+            chunk_rows=cfg.chunk_rows,
+            budget=self.budget,
+            encoder_threads=cfg.encoder_threads,
+            target_throughput_gbps=cfg.target_throughput_gbps,
+            commit_interval_s=cfg.commit_interval_s,
+            backend=cfg.backend,
+            overwrite=self.overwrite,
+            model=self.model_descriptor,
+            capture_config=cfg.to_dict(),
+            extra_token_columns=self._extra_columns,
+        )
+        first, self._first_pass = self._first_pass, None
+        self.writer.write_tokens(self._first_tokens)
+        for index, rows in first:
+            self.writer.write_site(self.sites[index][0].name, rows)
+
+    # ---------------------------------------------------------------- end
+    def finish(self, exc: BaseException | None) -> WriterStats | None:
+        """Flush and close. ``exc`` (from the ``with`` block) marks the capture aborted."""
+        try:
+            if self._stager is not None:
+                try:
+                    self._stager.close(drain=exc is None)
+                except BaseException as stager_exc:
+                    exc = exc or stager_exc
+                    if self.writer is not None:
+                        self.writer.abort(f"staging failed: {stager_exc!r}")
+                    raise
+            if self.writer is None:
+                if exc is None and self._first_pass:
+                    raise CaptureStateError("the first forward pass did not finish; nothing was written")
+                if exc is None:
+                    log.warning("capture_activations: no forward pass ran; no capture was written")
+                return None
+            if exc is None:
+                self.writer.close("complete")
+            else:
+                self.writer.close("aborted", f"{type(exc).__name__}: {exc}")
+            return self.writer.stats()
+        finally:
+            self._progress.close()
+
+
+def _take(output: Any, spec: SiteSpec) -> torch.Tensor:
+    """The tensor a site captures: the output itself, or the element ``tuple_index`` of a
+    tuple/list output (HF attention modules return ``(attn_output, attn_weights, ...)``)."""
+    if torch.is_tensor(output):
+        return output
+    if isinstance(output, (tuple, list)):
+        index = spec.tuple_index or 0
+        if index < len(output) and torch.is_tensor(output[index]):
+            return output[index]
+    if hasattr(output, "last_hidden_state") and torch.is_tensor(output.last_hidden_state):
+        return output.last_hidden_state
+    raise FormatError(
+        f"site {spec.name!r} returned {type(output).__name__}; expected a tensor or a tuple whose "
+        f"element {spec.tuple_index or 0} is a tensor"
+    )
+
+
+def _host_rows(flat: torch.Tensor, keep: np.ndarray | None) -> np.ndarray:
+    """Kept rows of a CPU tensor as numpy (bf16 as raw uint16 bits; a view when possible)."""
+    if flat.dtype == torch.bfloat16:
+        arr = flat.view(torch.uint16).numpy()
+    else:
+        arr = flat.numpy()
+    return arr if keep is None else arr[keep]
+
+
+def _past_length(kwargs: Mapping[str, Any], mask: torch.Tensor | None, seq_len: int) -> int:
+    """Tokens already in the KV cache, from host-side shapes only (never a device sync)."""
+    if mask is not None and mask.dim() == 2:
+        return max(0, int(mask.shape[1]) - seq_len)
+    cache = kwargs.get("past_key_values")
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        try:
+            return int(cache.get_seq_length())
+        except (TypeError, ValueError, IndexError, AttributeError):
+            return 0
+    if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)):
+        return int(cache[0][0].shape[-2])
+    return 0
+
+
+class _Stager:
+    def stage(self, index: int, plan: PassPlan, flat: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def close(self, drain: bool) -> None:
+        raise NotImplementedError
+
+
+class _CudaStager(_Stager):
+    """Device -> pinned host copies on a dedicated stream; a drain thread hands finished
+    copies to the writer in order.
+
+    For each site output: an event recorded on the producing stream, waited on by the copy
+    stream; a ``non_blocking`` copy into a pinned slab; ``record_stream`` so the caching
+    allocator does not reuse the source before the copy ran; a completion event the drain
+    thread waits on. The compute stream is never synchronised. Slabs come from a pool whose
+    bytes count against the capture's memory budget.
+    """
+
+    def __init__(self, session: CaptureSession) -> None:
+        self.session = session
+        self.copy_stream = torch.cuda.Stream()
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._pool_bytes = 0
+        self._pool_cond = threading.Condition()
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="llminstr-cuda-drain", daemon=True)
+        self._thread.start()
+
+    def _slab(self, nbytes: int) -> torch.Tensor:
+        size = 1 << max(12, (nbytes - 1).bit_length())
+        budget = self.session.budget
+        with self._pool_cond:
+            while True:
+                free = self._free.get(size)
+                if free:
+                    return free.pop()
+                if budget.used + size <= budget.limit:
+                    budget.acquire(size)
+                    self._pool_bytes += size
+                    return torch.empty(size, dtype=torch.uint8, pin_memory=True)
+                # Budget spent: give back idle slabs of other sizes, else wait for one.
+                for other, slabs in self._free.items():
+                    while slabs:
+                        slabs.pop()
+                        budget.release(other)
+                        self._pool_bytes -= other
+                if budget.used + size <= budget.limit:
+                    continue
+                self._raise_if_failed()
+                start = time.perf_counter()
+                self._pool_cond.wait(timeout=0.5)
+                budget._stall += time.perf_counter() - start  # counted like writer stalls
+
+    def _give_back(self, slab: torch.Tensor) -> None:
+        with self._pool_cond:
+            self._free.setdefault(slab.numel(), []).append(slab)
+            self._pool_cond.notify_all()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise LlminstrError(f"CUDA staging failed: {self._error!r}") from self._error
+
+    def stage_inputs(
+        self, input_ids: torch.Tensor | None, mask: torch.Tensor | None
+    ) -> Callable[[], tuple[np.ndarray | None, np.ndarray | None]]:
+        """Copy the pass's token ids and mask to pinned memory on the copy stream; return a
+        loader that waits for that copy only."""
+        producer = torch.cuda.current_stream()
+        ready = torch.cuda.Event()
+        ready.record(producer)
+        staged: list[torch.Tensor | None] = []
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(ready)
+            for t in (input_ids, mask):
+                if t is None:
+                    staged.append(None)
+                    continue
+                src = t.detach()
+                if src.is_cuda:
+                    host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+                    host.copy_(src, non_blocking=True)
+                    src.record_stream(self.copy_stream)
+                else:
+                    host = src
+                staged.append(host)
+            done = torch.cuda.Event()
+            done.record(self.copy_stream)
+
+        def load() -> tuple[np.ndarray | None, np.ndarray | None]:
+            done.synchronize()
+            ids, m = staged
+            return (
+                ids.numpy() if ids is not None else None,
+                m.numpy() if m is not None else None,
+            )
+
+        return load
+
+    def stage(self, index: int, plan: PassPlan, flat: torch.Tensor) -> None:
+        self._raise_if_failed()
+        src = flat.contiguous()
+        nbytes = src.numel() * src.element_size()
+        slab = self._slab(max(nbytes, 1))
+        producer = torch.cuda.current_stream(src.device)
+        ready = torch.cuda.Event()
+        ready.record(producer)
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(ready)
+            view = slab[:nbytes].view(src.dtype).view(src.shape)
+            view.copy_(src, non_blocking=True)
+            src.record_stream(self.copy_stream)
+            done = torch.cuda.Event()
+            done.record(self.copy_stream)
+        self._queue.put((index, plan, slab, src.dtype, tuple(src.shape), done))
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                self._queue.task_done()
+                return
+            try:
+                if self._error is None:
+                    index, plan, slab, dtype, shape, done = item
+                    done.synchronize()  # waits for this copy only
+                    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+                    host = slab[:nbytes].view(dtype).view(shape)
+                    self.session._deliver(index, plan, host)
+                    self._give_back(slab)
+            except BaseException as exc:  # reported to the producer thread, never swallowed
+                self._error = exc
+                with self._pool_cond:
+                    self._pool_cond.notify_all()
+            finally:
+                if item is not None:
+                    self._queue.task_done()
+
+    def flush(self) -> None:
+        self._queue.join()
+        self._raise_if_failed()
+
+    def close(self, drain: bool) -> None:
+        if drain:
+            self._queue.join()
+        self._queue.put(None)
+        self._thread.join()
+        with self._pool_cond:
+            for size, slabs in self._free.items():
+                self.session.budget.release(size * len(slabs))
+            self._free.clear()
+        self._raise_if_failed()
+
+
+TOKEN_COLUMN_NAMES = [c for c, _ in TOKEN_COLUMNS]

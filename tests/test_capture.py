@@ -1,0 +1,395 @@
+"""Capture engine: rows during generate() match independent hooks bit for bit, across
+architectures and dtypes; instrumentation never changes outputs; context-manager semantics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from llminstr import HookGranularity, InstrumentationConfig, InstrumentationFramework
+from llminstr.errors import CaptureStateError, ConfigError, LlminstrError
+from llminstr.reader import open_capture
+
+transformers.logging.set_verbosity_error()
+
+
+def _tiny(arch: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    common = dict(vocab_size=97, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, **common)
+        model = transformers.GPT2LMHeadModel(cfg)
+    elif arch == "llama":
+        cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, **common)
+        model = transformers.LlamaForCausalLM(cfg)
+    elif arch == "qwen2":
+        cfg = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, **common)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    elif arch == "gpt_neox":
+        cfg = transformers.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, **common)
+        model = transformers.GPTNeoXForCausalLM(cfg)
+    elif arch == "opt":
+        cfg = transformers.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                     num_attention_heads=4, word_embed_proj_dim=32,
+                                     max_position_embeddings=64, **common)
+        model = transformers.OPTForCausalLM(cfg)
+    elif arch == "mistral":
+        cfg = transformers.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, **common)
+        model = transformers.MistralForCausalLM(cfg)
+    elif arch == "gemma":
+        cfg = transformers.GemmaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, **common)
+        model = transformers.GemmaForCausalLM(cfg)
+    elif arch == "phi3":
+        cfg = transformers.Phi3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, **common)
+        model = transformers.Phi3ForCausalLM(cfg)
+    else:  # pragma: no cover
+        raise ValueError(arch)
+    return model.to(dtype).eval()
+
+
+PROMPTS = torch.tensor([[0, 0, 0, 5, 6, 7], [9, 8, 7, 6, 5, 4], [0, 11, 12, 13, 14, 15]])
+MASK = (PROMPTS != 0).long()
+MASK[1] = 1  # row 1 has no padding
+
+
+def _generate(model: torch.nn.Module, new: int = 4) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(PROMPTS, attention_mask=MASK, max_new_tokens=new, do_sample=False,
+                              pad_token_id=0, eos_token_id=None)
+
+
+def _reference_rows(model: torch.nn.Module, modules: dict[str, torch.nn.Module]) -> dict[str, np.ndarray]:
+    """Independent hooks: record every output, then keep real tokens by a plain loop."""
+    outputs: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+    masks: list[torch.Tensor] = []
+
+    def pre(mod, args, kwargs):
+        masks.append(kwargs["attention_mask"].clone())
+
+    handles = [model.register_forward_pre_hook(pre, with_kwargs=True)]
+    for name, mod in modules.items():
+        def hook(m, a, out, name=name):
+            t = out[0] if isinstance(out, tuple) else out
+            outputs[name].append(t.detach().clone())
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        _generate(model)
+    finally:
+        for h in handles:
+            h.remove()
+    rows: dict[str, np.ndarray] = {}
+    for name, outs in outputs.items():
+        kept = []
+        for out, mask in zip(outs, masks, strict=True):
+            if out.dim() == 2:  # a site that returns (batch*seq, hidden), like OPT's fc2
+                out = out.reshape(mask.shape[0], -1, out.shape[-1])
+            s = out.shape[1]
+            for b in range(out.shape[0]):
+                for j in range(s):
+                    if mask[b, mask.shape[1] - s + j]:
+                        kept.append(out[b, j])
+        stacked = torch.stack(kept)
+        if stacked.dtype == torch.bfloat16:
+            rows[name] = stacked.view(torch.uint16).numpy()
+        else:
+            rows[name] = stacked.numpy()
+    return rows
+
+
+@pytest.mark.parametrize(
+    "arch", ["gpt2", "llama", "qwen2", "gpt_neox", "opt", "mistral", "gemma", "phi3"]
+)
+def test_generate_rows_match_independent_hooks_fp32(arch: str, tmp_path) -> None:
+    _check_rows_match(arch, torch.float32, tmp_path / "cap.zarr")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+def test_generate_rows_match_independent_hooks_bf16(arch: str, tmp_path) -> None:
+    _check_rows_match(arch, torch.bfloat16, tmp_path / "cap.h5")
+
+
+def _check_rows_match(arch: str, dtype: torch.dtype, path) -> None:
+    model = _tiny(arch, dtype)
+    fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1, chunk_rows=8))
+    specs = fw.instrument_model(model)
+    assert {s.kind for s in specs} == {"attention", "ffn", "residual"}
+    modules = dict(model.named_modules())
+    expected = _reference_rows(model, {s.name: modules[s.module_path] for s in specs})
+    plain = _generate(model)
+    with fw.capture_activations(path):
+        captured = _generate(model)
+    assert torch.equal(plain, captured), "instrumentation changed the generated tokens"
+    cap = open_capture(path)
+    assert cap.status == "complete"
+    # 3 prompts with 3, 6, 5 real tokens, then 3 decode steps x 3 sequences
+    assert cap.num_rows == 14 + 9
+    for s in specs:
+        got = cap.activations(s.name, logical=False).compute()
+        want = expected[s.name]
+        assert got.dtype == want.dtype, s.name
+        assert got.shape == want.shape, s.name
+        assert np.array_equal(got, want), f"{arch} {s.name}: rows differ from independent hooks"
+        info = cap.site_info(s.name)
+        assert info["logical_dtype"] == str(dtype).removeprefix("torch.")
+        assert info["module_class"] == type(modules[s.module_path]).__name__
+    tok = cap.token_table()
+    # generated tokens appear in the token_id column at their positions
+    gen = captured[:, PROMPTS.shape[1]:]
+    for b in range(3):
+        sel = tok["sequence"] == b
+        ids = tok["token_id"][sel][np.argsort(tok["position"][sel])]
+        real_prompt = PROMPTS[b][MASK[b].bool()].tolist()
+        assert ids.tolist() == real_prompt + gen[b, :-1].tolist()
+
+
+def test_token_columns_and_sequences_across_calls(tmp_path) -> None:
+    model = _tiny("gpt2")
+    fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1, chunk_rows=4))
+    fw.instrument_model(model)
+    with fw.capture_activations(tmp_path / "c.zarr"), torch.no_grad():
+        model.generate(PROMPTS, attention_mask=MASK, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        model(torch.tensor([[3, 4, 5, 6]]))  # a plain forward call: one new sequence
+    tok = open_capture(tmp_path / "c.zarr").token_table()
+    # prefill: 3 + 6 + 5 real tokens in batch order, left padding skipped
+    assert tok["sequence"][:14].tolist() == [0] * 3 + [1] * 6 + [2] * 5
+    assert tok["position"][:14].tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4]
+    assert tok["step"][:14].tolist() == [0] * 14
+    # decode steps: one row per sequence, positions continue per sequence
+    assert tok["sequence"][14:20].tolist() == [0, 1, 2, 0, 1, 2]
+    assert tok["position"][14:20].tolist() == [3, 6, 5, 4, 7, 6]
+    assert tok["step"][14:20].tolist() == [1, 1, 1, 2, 2, 2]
+    # the second call is a new sequence id, unique within the capture
+    assert tok["sequence"][20:].tolist() == [3, 3, 3, 3]
+    assert tok["token_id"][20:].tolist() == [3, 4, 5, 6]
+    assert tok["position"][20:].tolist() == [0, 1, 2, 3]
+    assert tok["step"][20:].tolist() == [3] * 4
+
+
+def test_outputs_identical_and_hooks_removed(tmp_path) -> None:
+    model = _tiny("llama")
+    ids = torch.randint(3, 90, (2, 7))
+    with torch.no_grad():
+        before = model(ids).logits
+    fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1))
+    fw.instrument_model(model)
+    with torch.no_grad():
+        outside = model(ids).logits
+    with fw.capture_activations(tmp_path / "c.zarr"), torch.no_grad():
+        inside = model(ids).logits
+    assert torch.equal(before, outside) and torch.equal(before, inside)
+    for name, mod in model.named_modules():
+        assert not mod._forward_hooks and not mod._forward_pre_hooks, name
+    fw.remove_instrumentation()
+    assert fw.model is None and fw.sites == []
+
+
+@pytest.mark.parametrize("granularity,kinds", [
+    (HookGranularity.ATTENTION_ONLY, {"attention"}),
+    (HookGranularity.FFN_ONLY, {"ffn"}),
+])
+def test_granularity_selects_kinds(granularity, kinds, tmp_path) -> None:
+    model = _tiny("qwen2")
+    fw = InstrumentationFramework(InstrumentationConfig(granularity=granularity, max_memory_gb=0.1))
+    fw.instrument_model(model)
+    with fw.capture_activations(tmp_path / "c.zarr"), torch.no_grad():
+        model(torch.randint(3, 90, (1, 5)))
+    cap = open_capture(tmp_path / "c.zarr")
+    assert {cap.site_info(s)["kind"] for s in cap.sites} == kinds
+    assert cap.num_rows == 5
+    assert cap.metadata["capture_config"]["granularity"] == granularity.name
+
+
+def test_exception_marks_aborted_keeps_data_and_reraises(tmp_path) -> None:
+    model = _tiny("gpt2")
+    fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1, chunk_rows=4))
+    fw.instrument_model(model)
+    with pytest.raises(RuntimeError, match="boom"), fw.capture_activations(tmp_path / "c.zarr"):
+        with torch.no_grad():
+            model(torch.randint(3, 90, (2, 5)))
+        raise RuntimeError("boom")
+    cap = open_capture(tmp_path / "c.zarr")
+    assert cap.status == "aborted"
+    assert cap.num_rows == 10
+    assert "boom" in cap.metadata["error"]
+    # the framework is usable again
+    with fw.capture_activations(tmp_path / "d.zarr"), torch.no_grad():
+        model(torch.randint(3, 90, (1, 3)))
+    assert open_capture(tmp_path / "d.zarr").status == "complete"
+
+
+def test_keyboard_interrupt_marks_aborted(tmp_path) -> None:
+    model = _tiny("gpt2")
+    fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1))
+    fw.instrument_model(model)
+    with pytest.raises(KeyboardInterrupt), fw.capture_activations(tmp_path / "c.h5"):
+        with torch.no_grad():
+            model(torch.randint(3, 90, (1, 4)))
+        raise KeyboardInterrupt
+    cap = open_capture(tmp_path / "c.h5")
+    assert (cap.status, cap.num_rows) == ("aborted", 4)
+
+
+def test_state_errors(tmp_path) -> None:
+    fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1))
+    with pytest.raises(CaptureStateError, match="instrument_model"), fw.capture_activations(tmp_path / "x.zarr"):
+        pass
+    fw.instrument_model(_tiny("gpt2"))
+    with fw.capture_activations(tmp_path / "a.zarr"):
+        with pytest.raises(CaptureStateError, match="already active"), fw.capture_activations(tmp_path / "b.zarr"):
+            pass
+    with pytest.raises(ConfigError, match="torch.nn.Module"):
+        fw.instrument_model("not a model")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="InstrumentationConfig"):
+        InstrumentationFramework({"granularity": "all"})  # type: ignore[arg-type]
+
+
+def test_capture_stats_and_metadata(tmp_path) -> None:
+    model = _tiny("gpt2")
+    cfg = InstrumentationConfig(max_memory_gb=0.1, compression_algorithm="zstd", chunk_rows=16)
+    fw = InstrumentationFramework(cfg)
+    fw.instrument_model(model)
+    with fw.capture_activations(tmp_path / "c.zarr"), torch.no_grad():
+        model(torch.randint(3, 90, (4, 10)))
+    stats = fw.last_capture_stats
+    assert stats is not None
+    assert stats["rows"] == 40
+    assert stats["status"] == "complete"
+    # 6 sites x 40 rows x 32 float32 + 4 token columns x 40 rows x 8 bytes
+    assert stats["activation_raw_bytes"] == 6 * 40 * 32 * 4
+    assert stats["raw_bytes"] == 6 * 40 * 32 * 4 + 4 * 40 * 8
+    assert stats["stored_bytes"] > 0 and stats["compression_ratio"] > 0
+    assert stats["peak_buffered_bytes"] <= 0.1e9
+    for key in ("gbps", "stall_seconds", "target_throughput_gbps", "forward_passes"):
+        assert key in stats
+    meta = open_capture(tmp_path / "c.zarr").metadata
+    assert meta["model"]["class"] == "GPT2LMHeadModel"
+    assert meta["model"]["model_type"] == "gpt2"
+    assert meta["capture_config"]["compression_algorithm"] == "zstd"
+    assert meta["compression"]["cname"] == "zstd"
+    json.dumps(meta)
+
+
+def test_padding_keep_and_storage_dtype(tmp_path) -> None:
+    model = _tiny("gpt2")
+    cfg = InstrumentationConfig(max_memory_gb=0.1, padding="keep", storage_dtype="bfloat16")
+    fw = InstrumentationFramework(cfg)
+    fw.instrument_model(model)
+    with fw.capture_activations(tmp_path / "c.zarr"), torch.no_grad():
+        model(PROMPTS, attention_mask=MASK)
+    cap = open_capture(tmp_path / "c.zarr")
+    assert cap.num_rows == PROMPTS.numel()
+    tok = cap.token_table()
+    assert tok["is_padding"].tolist() == (1 - MASK).reshape(-1).tolist()
+    assert all(cap.site_info(s)["logical_dtype"] == "bfloat16" for s in cap.sites)
+
+
+def test_layers_subset_and_module_names(tmp_path) -> None:
+    model = _tiny("llama")
+    fw = InstrumentationFramework(InstrumentationConfig(layers=(-1,), max_memory_gb=0.1))
+    names = [s.name for s in fw.instrument_model(model)]
+    assert names == ["model.layers.1.self_attn", "model.layers.1.mlp", "model.layers.1"]
+    fw = InstrumentationFramework(
+        InstrumentationConfig(module_names=("model.layers.0.mlp.down_proj",), max_memory_gb=0.1)
+    )
+    assert [s.name for s in fw.instrument_model(model)] == ["model.layers.0.mlp.down_proj"]
+    with fw.capture_activations(tmp_path / "c.zarr"), torch.no_grad():
+        model(torch.randint(3, 90, (1, 6)))
+    assert open_capture(tmp_path / "c.zarr").activations("model.layers.0.mlp.down_proj").shape == (6, 32)
+
+
+def test_site_running_twice_is_an_error(tmp_path) -> None:
+    class Twice(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 4)
+            self.layer = torch.nn.Linear(4, 4)
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.layer(self.layer(self.emb(input_ids)))
+
+    fw = InstrumentationFramework(InstrumentationConfig(module_names=("layer",), max_memory_gb=0.1))
+    model = Twice()
+    fw.instrument_model(model)
+    with pytest.raises(LlminstrError, match="ran twice"), fw.capture_activations(tmp_path / "c.zarr"):
+        model(torch.tensor([[1, 2, 3]]))
+
+
+def test_config_validation_messages() -> None:
+    with pytest.raises(ConfigError, match=r"compression_algorithm must be one of 'lz4', 'zstd', None; got 'gzip'"):
+        InstrumentationConfig(compression_algorithm="gzip")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="max_memory_gb must be a positive number; got -1"):
+        InstrumentationConfig(max_memory_gb=-1)
+    with pytest.raises(ConfigError, match="target_throughput_gbps"):
+        InstrumentationConfig(target_throughput_gbps=0)
+    with pytest.raises(ConfigError, match="granularity must be a HookGranularity"):
+        InstrumentationConfig(granularity="everything")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="chunk_rows"):
+        InstrumentationConfig(chunk_rows=0)
+    with pytest.raises(ConfigError, match="module_names must be a sequence"):
+        InstrumentationConfig(module_names="model.layers.0")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="storage_dtype"):
+        InstrumentationConfig(storage_dtype="int8")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):  # ConfigError is also a ValueError
+        InstrumentationConfig(padding="drop")  # type: ignore[arg-type]
+    assert InstrumentationConfig(granularity="ffn_only").granularity is HookGranularity.FFN_ONLY  # type: ignore[arg-type]
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_generate_matches_cpu_path(dtype: torch.dtype, tmp_path) -> None:
+    model = _tiny("llama", dtype).cuda()
+    fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.2, chunk_rows=8))
+    specs = fw.instrument_model(model)
+    modules = dict(model.named_modules())
+    global PROMPTS, MASK
+    saved = PROMPTS, MASK
+    PROMPTS, MASK = PROMPTS.cuda(), MASK.cuda()
+    try:
+        expected = _reference_rows(model, {s.name: modules[s.module_path] for s in specs})
+        with fw.capture_activations(tmp_path / "c.zarr"):
+            _generate(model)
+    finally:
+        PROMPTS, MASK = saved
+    cap = open_capture(tmp_path / "c.zarr")
+    for s in specs:
+        assert np.array_equal(cap.activations(s.name, logical=False).compute(), expected[s.name])
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_tensor_modified_after_hook_is_captured_as_it_was(tmp_path) -> None:
+    class InPlace(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 256)
+            self.site = torch.nn.Identity()
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            h = self.site(self.emb(input_ids) * 1.0)
+            h.mul_(0)  # modified in place right after the hook returned
+            return h
+
+    model = InPlace().cuda()
+    fw = InstrumentationFramework(InstrumentationConfig(module_names=("site",), max_memory_gb=0.1))
+    fw.instrument_model(model)
+    ids = torch.randint(0, 10, (4, 64), device="cuda")
+    with fw.capture_activations(tmp_path / "c.zarr"), torch.no_grad():
+        for _ in range(20):
+            model(ids)
+    got = open_capture(tmp_path / "c.zarr").activations("site").compute()
+    want = model.emb(ids).detach().reshape(-1, 256).cpu().numpy()
+    assert np.array_equal(got[: want.shape[0]], want)
