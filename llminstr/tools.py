@@ -1,0 +1,174 @@
+"""Whole-capture tools: size summary, conformance check, Zarr <-> HDF5 conversion."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llminstr.errors import LlminstrError
+from llminstr.format import ACTIVATIONS_GROUP, TOKENS_GROUP, SiteInfo
+from llminstr.reader import Capture, open_capture
+
+
+def stored_bytes(capture: Capture, key: str) -> int:
+    """Bytes the array ``key`` (e.g. ``activations/<site>``) occupies on disk."""
+    if capture.backend == "zarr":
+        root = capture.path / key / "c"
+        total = 0
+        for dirpath, _dirs, files in os.walk(root):
+            total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files if not f.startswith("."))
+        return total
+    import h5py
+    import hdf5plugin  # noqa: F401
+
+    with h5py.File(capture.path, "r", swmr=True) as f:
+        return int(f[key].id.get_storage_size())
+
+
+def summary(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Status, rows, and per-site dtype, shape, raw and stored bytes of a capture."""
+    cap = open_capture(path)
+    sites = []
+    for name in cap.sites:
+        info = cap.site_info(name)
+        row_bytes = int(np.prod(info["feature_shape"])) * np.dtype(info["storage_dtype"]).itemsize
+        raw = row_bytes * cap.num_rows
+        stored = stored_bytes(cap, f"{ACTIVATIONS_GROUP}/{name}")
+        sites.append(
+            {
+                "name": name,
+                "kind": info["kind"],
+                "layer": info["layer"],
+                "dtype": info["logical_dtype"],
+                "feature_shape": info["feature_shape"],
+                "raw_bytes": raw,
+                "stored_bytes": stored,
+                "compression_ratio": raw / stored if stored else None,
+            }
+        )
+    token_stored = sum(stored_bytes(cap, f"{TOKENS_GROUP}/{c}") for c in cap.token_columns)
+    raw_total = sum(s["raw_bytes"] for s in sites) + 8 * cap.num_rows * len(cap.token_columns)
+    stored_total = sum(s["stored_bytes"] for s in sites) + token_stored
+    meta = cap.metadata
+    return {
+        "path": str(cap.path),
+        "backend": cap.backend,
+        "format_version": cap.format_version,
+        "status": cap.status,
+        "rows": cap.num_rows,
+        "chunk_rows": cap.chunk_rows,
+        "compression": meta["compression"],
+        "created": meta["created"],
+        "closed": meta.get("closed"),
+        "error": meta.get("error"),
+        "model": {k: v for k, v in meta.get("model", {}).items() if k != "config"},
+        "sites": sites,
+        "raw_bytes": raw_total,
+        "stored_bytes": stored_total,
+        "compression_ratio": raw_total / stored_total if stored_total else None,
+    }
+
+
+def validate(path: str | os.PathLike[str]) -> list[str]:
+    """Full conformance check: schema and layout (on open), every committed chunk decoded
+    with sizes and checksums verified, and the token columns' invariants. Returns the list
+    of problems found; empty means the capture conforms."""
+    try:
+        cap = open_capture(path)
+    except LlminstrError as exc:
+        return [str(exc)]
+    problems = cap.verify()
+    if problems:
+        return problems
+    n = cap.num_rows
+    step = 1 << 20
+    last_step = -1
+    for start in range(0, n, step):
+        tok = cap.token_table(start, min(n, start + step))
+        if len(tok["token_id"]) and tok["sequence"].min() < 0:
+            problems.append(f"rows {start}+: negative sequence ids")
+        if len(tok["token_id"]) and tok["position"].min() < -1:
+            problems.append(f"rows {start}+: positions below -1")
+        steps = tok["step"]
+        if len(steps):
+            if steps[0] < last_step or np.any(np.diff(steps) < 0):
+                problems.append(f"rows {start}+: forward-step column decreases")
+            last_step = int(steps[-1])
+    return problems
+
+
+def convert(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    backend: str | None = None,
+    compression: str | None = "keep",
+    overwrite: bool = False,
+    rows_per_block: int = 1 << 16,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Copy a capture to another backend (or codec) with identical logical content:
+    sites, site attributes, token columns, values bit for bit, model and capture config.
+    The status is kept (an ``in_progress`` source is written as ``aborted``).
+    ``compression`` is ``"keep"`` (the source's codec), ``"lz4"``, ``"zstd"`` or ``None``."""
+    from llminstr.storage.writer import CaptureWriter
+
+    cap = open_capture(src)
+    meta = cap.metadata
+    infos = []
+    for name in cap.sites:
+        i = cap.site_info(name)
+        infos.append(
+            SiteInfo(
+                name=name,
+                feature_shape=tuple(i["feature_shape"]),
+                dtype=i["logical_dtype"],
+                kind=i["kind"],
+                layer=i["layer"],
+                module_path=i["module_path"],
+                module_class=i["module_class"],
+                tuple_index=i["tuple_index"],
+            )
+        )
+    comp = meta["compression"]
+    cname = comp["cname"] if compression == "keep" else compression
+    extra = [c for c in cap.token_columns if c not in ("token_id", "sequence", "position", "step")]
+    writer = CaptureWriter(
+        dst,
+        infos,
+        compression=cname,  # type: ignore[arg-type]
+        compression_level=comp["clevel"] if cname == comp["cname"] else None,
+        checksum=comp["checksum"] is not None or cap.backend == "hdf5",
+        chunk_rows=cap.chunk_rows,
+        memory_budget_bytes=max(1 << 28, 4 * sum(s.row_bytes for s in infos) * cap.chunk_rows),
+        backend=backend,  # type: ignore[arg-type]
+        overwrite=overwrite,
+        model=meta.get("model"),
+        capture_config=meta.get("capture_config"),
+        extra_token_columns=extra,
+    )
+    try:
+        block = max(cap.chunk_rows, rows_per_block // cap.chunk_rows * cap.chunk_rows)
+        for start in range(0, cap.num_rows, block):
+            stop = min(cap.num_rows, start + block)
+            tokens = cap.token_table(start, stop)
+            acts = {
+                name: cap._source(f"{ACTIVATIONS_GROUP}/{name}", name).read_rows(start, stop)
+                for name in cap.sites
+            }
+            writer.append(tokens, acts)
+            if on_progress is not None:
+                on_progress(stop, cap.num_rows)
+    except BaseException as exc:
+        writer.abort(f"conversion failed: {exc!r}")
+        raise
+    if cap.status == "complete":
+        writer.close("complete")
+    else:
+        writer.close("aborted", meta.get("error") or f"source capture was {cap.status}")
+    cap.close()
+    return Path(dst)
