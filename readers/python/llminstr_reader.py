@@ -1,0 +1,195 @@
+"""A standalone reader of llminstr captures (format 1.x), written from format_spec/SPEC.md.
+
+Needs numpy plus zarr>=3 (for ``.zarr``) or h5py + hdf5plugin (for HDF5); ml_dtypes, when
+installed, turns bfloat16 sites into ``ml_dtypes.bfloat16`` arrays (else raw ``uint16`` bits).
+It decodes chunks through zarr-python's or HDF5's own codec pipelines, never llminstr's.
+
+    from llminstr_reader import read_capture
+    cap = read_capture("run.zarr")   # status, num_rows, sites, site_info, tokens, activations
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+FORMAT = "llminstr-capture"
+MAJOR = 1
+MAX_DOC_BYTES = 16 << 20  # SPEC 9
+MAX_ROW_VALUES = 1 << 24
+MAX_CHUNK_BYTES = 1 << 31
+MAX_CHUNK_ROWS = 1 << 24
+STORAGE = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}  # SPEC 4.1
+STATUS_BY_CODE = {0: "in_progress", 1: "complete", 2: "aborted"}  # SPEC 6.3
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+BLOSC_FILTER = 32001  # HDF5 registered filter id of Blosc
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}")  # SPEC 2.5: no "/" and no ".."
+
+
+class CaptureFormatError(ValueError):
+    """The path is not a readable llminstr 1.x capture."""
+
+
+def _parse(raw: str | bytes, where: str) -> dict[str, Any]:
+    if len(raw) > MAX_DOC_BYTES:
+        raise CaptureFormatError(f"{where}: document of {len(raw)} bytes exceeds 16 MiB")
+    doc = json.loads(raw)
+    if not isinstance(doc, dict):
+        raise CaptureFormatError(f"{where}: document is not a JSON object")
+    return doc
+
+
+def _check_root(root: dict[str, Any], where: str) -> None:
+    if root.get("format") != FORMAT:
+        raise CaptureFormatError(
+            f"{where} is not an llminstr capture (format={root.get('format')!r})"
+        )
+    version = str(root.get("format_version", ""))
+    if version.split(".")[0] != str(MAJOR):
+        raise CaptureFormatError(f"{where}: format version {version!r} unsupported; reads 1.x only")
+    cols = list(root["token_columns"])
+    if cols[:4] != ["token_id", "sequence", "position", "step"]:
+        raise CaptureFormatError(f"{where}: token_columns must start with the four required ones")
+    names = [*cols, *root["sites"]]  # checked before any name is used as a path
+    if not all(isinstance(x, str) and NAME.fullmatch(x) for x in names):
+        raise CaptureFormatError(f"{where}: invalid site or column name in {names}")
+    if not 1 <= int(root["chunk_rows"]) <= MAX_CHUNK_ROWS or int(root["committed_rows"]) < 0:
+        raise CaptureFormatError(f"{where}: chunk_rows or committed_rows out of range")
+
+
+def _check_array(doc: dict[str, Any], root: dict[str, Any], key: str, rows: int) -> tuple[int, ...]:
+    """Check an array document against the root and the limits; return its chunk shape."""
+    feature = [int(d) for d in doc.get("feature_shape", [])]
+    group, name = key.split("/", 1)
+    if group == "activations":
+        if STORAGE.get(doc["logical_dtype"]) != doc["storage_dtype"] or doc["name"] != name:
+            raise CaptureFormatError(f"{key}: dtype pair or name does not match SPEC 3.3")
+        if not 1 <= len(feature) <= 8 or min(feature) < 1:
+            raise CaptureFormatError(f"{key}: feature_shape {feature} invalid")
+    elif doc["storage_dtype"] != "int64" or doc["column"] != name or feature:
+        raise CaptureFormatError(f"{key}: token column document does not match SPEC 3.4")
+    if doc["chunk_rows"] != root["chunk_rows"]:
+        raise CaptureFormatError(f"{key}: chunk_rows differs from the root's")
+    values = int(np.prod(feature, dtype=np.int64)) if feature else 1
+    if values > MAX_ROW_VALUES:
+        raise CaptureFormatError(f"{key}: {values} values per row exceeds the limit")
+    if root["chunk_rows"] * values * np.dtype(doc["storage_dtype"]).itemsize > MAX_CHUNK_BYTES:
+        raise CaptureFormatError(f"{key}: a chunk exceeds 2 GiB")
+    if rows < int(root["committed_rows"]):
+        raise CaptureFormatError(f"{key}: holds {rows} rows, fewer than committed")
+    return (int(root["chunk_rows"]), *feature)
+
+
+def _read_zarr(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.ndarray]]:
+    import zarr
+
+    def load(rel: str) -> dict[str, Any]:
+        file = os.path.join(path, rel, "zarr.json")
+        if os.path.getsize(file) > MAX_DOC_BYTES:
+            raise CaptureFormatError(f"{file} exceeds 16 MiB")
+        with open(file, "rb") as fh:
+            return _parse(fh.read(), file)
+
+    root = load("")["attributes"]["llminstr"]  # the root is read before any array (SPEC 7.2)
+    _check_root(root, path)
+    n = int(root["committed_rows"])
+    docs, data = {}, {}
+    for key in _keys(root):
+        meta = load(key)
+        doc = meta["attributes"]["llminstr"]
+        chunks = _check_array(doc, root, key, int(meta["shape"][0]))
+        codecs = [c["name"] for c in meta["codecs"]]
+        expected = ["bytes"] + ["blosc"] * bool(doc["codec"]) + ["crc32c"] * bool(doc["checksum"])
+        if (
+            meta["data_type"] != doc["storage_dtype"]
+            or meta["chunk_grid"]["configuration"]["chunk_shape"] != list(chunks)
+            or meta["shape"][1:] != list(chunks[1:])
+            or codecs != expected
+            or meta["codecs"][0].get("configuration", {}).get("endian", "little") != "little"
+        ):
+            raise CaptureFormatError(f"{key}: Zarr metadata disagrees with its document (SPEC 5.2)")
+        for k in range(-(-n // chunks[0])):  # zarr fills missing chunks; SPEC 5.3 forbids that
+            if not os.path.isfile(os.path.join(path, key, "c", str(k), *["0"] * (len(chunks) - 1))):
+                raise CaptureFormatError(f"{key}: committed chunk {k} is missing")
+        docs[key] = doc
+        data[key] = np.asarray(zarr.open_array(os.path.join(path, key), mode="r")[:n])
+    return root, docs, data
+
+
+def _read_hdf5(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.ndarray]]:
+    import h5py
+    import hdf5plugin  # noqa: F401  (registers the Blosc filter, id 32001)
+
+    with h5py.File(path, "r", swmr=True) as f:  # SWMR: crashed files open too (SPEC 6.4)
+        root = _parse(f.attrs["llminstr"], path)
+        _check_root(root, path)
+        rec = f["llminstr_commit"][...]
+        if rec.shape != (4,):
+            raise CaptureFormatError(f"{path}: commit record must hold 4 values")
+        seq, rows, code = int(rec[0]), int(rec[1]), int(rec[2])
+        if code not in STATUS_BY_CODE or rows < 0:
+            raise CaptureFormatError(f"{path}: invalid commit record {rec.tolist()}")
+        if seq >= int(root["commit_seq"]):  # the record is authoritative (SPEC 6.3)
+            root.update(committed_rows=rows, status=STATUS_BY_CODE[code], commit_seq=seq)
+        n = int(root["committed_rows"])
+        docs, data = {}, {}
+        for key in _keys(root):
+            ds = f[key]
+            doc = _parse(ds.attrs["llminstr"], f"{path}:{key}")
+            chunks = _check_array(doc, root, key, ds.shape[0])
+            plist = ds.id.get_create_plist()
+            filters = {plist.get_filter(i)[0] for i in range(plist.get_nfilters())}
+            if (
+                ds.dtype != np.dtype(doc["storage_dtype"]).newbyteorder("<")
+                or ds.chunks != chunks
+                or list(ds.shape[1:]) != list(chunks[1:])
+                or filters != ({BLOSC_FILTER} if doc["codec"] else set())
+            ):
+                raise CaptureFormatError(
+                    f"{key}: HDF5 dataset disagrees with its document (SPEC 6.2)"
+                )
+            docs[key] = doc
+            data[key] = ds[:n]  # rows >= n are never used (SPEC 7.1)
+    return root, docs, data
+
+
+def _keys(root: dict[str, Any]) -> list[str]:
+    return [f"tokens/{c}" for c in root["token_columns"]] + [
+        f"activations/{s}" for s in root["sites"]
+    ]
+
+
+def read_capture(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read every committed row of a capture into numpy (activations in their logical dtype)."""
+    path = os.fspath(path)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "zarr.json")):
+        root, docs, data = _read_zarr(path)
+    else:
+        with open(path, "rb") as fh:
+            if fh.read(8) != HDF5_SIGNATURE:
+                raise CaptureFormatError(f"{path} is neither a Zarr v3 directory nor HDF5")
+        root, docs, data = _read_hdf5(path)
+    activations = {}
+    for site in root["sites"]:
+        arr = data[f"activations/{site}"]
+        if docs[f"activations/{site}"]["logical_dtype"] == "bfloat16":
+            try:
+                import ml_dtypes
+
+                arr = arr.view(ml_dtypes.bfloat16)
+            except ImportError:  # keep the raw bits (SPEC 4.1)
+                pass
+        activations[site] = arr
+    return {
+        "format_version": root["format_version"],
+        "status": root["status"],
+        "num_rows": int(root["committed_rows"]),
+        "sites": list(root["sites"]),
+        "site_info": {s: docs[f"activations/{s}"] for s in root["sites"]},
+        "tokens": {c: data[f"tokens/{c}"] for c in root["token_columns"]},
+        "activations": activations,
+    }
