@@ -1,0 +1,90 @@
+"""Option checking shared by the analysis modules (rows, sites, captures).
+
+These helpers only look at metadata: none of them reads activations.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from llminstr.errors import ConfigError, SiteNotFoundError
+
+if TYPE_CHECKING:
+    from llminstr.reader import Capture
+
+#: What ``rows=`` accepts: ``None`` (all committed rows), a ``slice`` with step 1, or a
+#: ``(start, stop)`` pair of integers / ``None`` (Python slice semantics, negatives allowed).
+RowsSpec = slice | tuple[int | None, int | None] | list[int | None] | None
+
+
+def as_capture(data: str | os.PathLike[str] | Capture) -> Capture:
+    """Open ``data`` (a path) with :func:`llminstr.reader.open_capture`, or return it as is
+    when it already is a :class:`~llminstr.reader.Capture`."""
+    from llminstr.reader import Capture, open_capture
+
+    if isinstance(data, Capture):
+        return data
+    if not isinstance(data, (str, os.PathLike)):
+        raise ConfigError(
+            f"data_path must be a path (str or os.PathLike) or a Capture; got {type(data).__name__}"
+        )
+    return open_capture(data)
+
+
+def resolve_rows(rows: Any, num_rows: int) -> tuple[int, int]:
+    """Turn a ``rows=`` option into a non-empty ``[start, stop)`` range of committed rows.
+
+    Raises :class:`ConfigError` for anything but ``None``, a step-1 slice or a
+    ``(start, stop)`` pair of integers, and when the range selects no row.
+    """
+    if rows is None:
+        sl = slice(None)
+    elif isinstance(rows, slice):
+        if rows.step not in (None, 1):
+            raise ConfigError(f"rows must be a contiguous range (slice step 1); got {rows!r}")
+        sl = rows
+    elif isinstance(rows, (tuple, list)) and len(rows) == 2:
+        sl = slice(rows[0], rows[1])
+    else:
+        raise ConfigError(
+            "rows must be None, a slice(start, stop) or a (start, stop) pair of integers; "
+            f"got {rows!r}"
+        )
+    for bound in (sl.start, sl.stop):
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int)):
+            raise ConfigError(f"rows bounds must be integers or None; got {bound!r} in {rows!r}")
+    start, stop, _ = sl.indices(num_rows)
+    if stop <= start:
+        raise ConfigError(
+            f"rows={rows!r} selects no rows: the capture has {num_rows} committed rows"
+        )
+    return start, stop
+
+
+def check_sites(capture: Capture, sites: str | Iterable[str] | None) -> list[str]:
+    """The requested sites, in the given order (all of the capture's sites for ``None``).
+
+    Unknown names raise :class:`SiteNotFoundError` listing the capture's sites.
+    """
+    available = capture.sites
+    if sites is None:
+        return list(available)
+    names: Sequence[Any] = [sites] if isinstance(sites, str) else list(sites)
+    if not names:
+        raise ConfigError(f"sites must name at least one site; the capture has {available}")
+    seen: set[str] = set()
+    out: list[str] = []
+    for name in names:
+        if not isinstance(name, str):
+            raise ConfigError(f"site names must be strings; got {name!r}")
+        if name not in available:
+            raise SiteNotFoundError(
+                f"capture {str(capture.path)!r} has no site {name!r}; sites: {available}"
+            )
+        if name in seen:
+            raise ConfigError(f"site {name!r} is listed twice in sites")
+        seen.add(name)
+        out.append(name)
+    return out

@@ -1,0 +1,772 @@
+"""Per-site activation statistics as lazy Dask graphs that read every chunk once.
+
+Passes over the data
+--------------------
+**One.** Each storage chunk of a site is read (and decoded) once per
+:func:`llminstr.analysis.compute` call, whatever statistics are asked for. A block task
+turns a chunk into a small *partial* (a few vectors of the feature size plus a sparse
+histogram of row norms); partials are merged by a tree reduction (``split_every`` at a
+time); a final task turns the merged partial into numbers. Nothing in the graph depends
+on a global result before the block tasks run, so no block waits in memory for another
+pass (the trap ``DESIGN.md`` warns about).
+
+How each statistic stays one-pass
+---------------------------------
+* **Moments** (mean, std, skewness, kurtosis). A block computes its power sums about a
+  *block-local shift* ``c`` (the mean of its first rows): ``P_k = sum((x - c)**k)``,
+  ``k = 1..4``, with the elementwise work in float32 on cache-sized slabs and the sums
+  accumulated in float64. They are converted exactly to moments about the block mean and
+  merged with the pairwise formulas of Chan et al. / Pébay (2008). This is the
+  raw-power-sum method with a per-block origin: no task depends on the global mean, and
+  it avoids the catastrophic cancellation of plain ``sum(x**4) - 4*mean*sum(x**3) + ...``
+  on dimensions whose mean is large against their spread (the "massive activation" dims
+  of residual streams). ``std`` is the population standard deviation (``ddof=0``);
+  ``kurtosis`` is the *excess* (Fisher) kurtosis, 0 for a normal distribution.
+* **min / max / max_abs** are elementwise reductions; ``rms = sqrt(mean(x**2))``.
+* **near_zero_fraction**: the fraction of entries with ``|x| < eps``, compared in float32
+  (the values as decoded to float32), counted exactly.
+* **Row norms** (L2 norm of each row's flattened features). Their count, mean, std, min
+  and max are exact; their quantiles come from a logarithmic histogram with fixed bin
+  edges ``gamma**i``, ``gamma = (1 + a) / (1 - a)`` for a relative accuracy ``a`` (a
+  DDSketch-style sketch, default ``a = 0.005``). Bin edges do not depend on the data, so
+  no range-finding pass is needed and block histograms merge by addition; the number of
+  bins grows with ``log(max / min)`` only. The quantile ``q`` is the value of rank
+  ``floor(q * (count - 1))`` in the sorted norms (numpy's ``method="lower"``), returned
+  to within a relative error ``a`` (zero norms are exact).
+* **Outlier dimensions** (the rule): a flat feature index ``d`` is an outlier when
+  ``max_abs[d] > k * median(max_abs)`` or ``rms[d] > k * median(rms)``, with
+  ``k = outlier_factor`` (default 6, after the magnitude-6 outlier features of
+  LLM.int8()). Medians ignore NaN dims. ``outlier_dims`` lists flat indices into the
+  flattened feature vector, most extreme first (by ``max(max_abs/median, rms/median)``).
+
+Non-finite values. A block whose float32 sums come out non-finite (NaN/inf inputs, or
+float32 overflow of ``x**4`` for ``|x| > ~1e9``) is recomputed in float64. Statistics of
+a dimension that holds NaN/inf are NaN/inf, like numpy's; ``nonfinite_count`` counts
+such entries per dimension, and rows whose norm is not finite are left out of the row
+norm statistics (counted in ``row_norm["nonfinite_count"]``).
+
+Token columns (:func:`token_summary`) are separate arrays; summarising them reads each
+of their chunks once too.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from llminstr.analysis._common import as_capture, check_sites, resolve_rows
+from llminstr.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dask.delayed import Delayed
+
+    from llminstr.reader import Capture
+
+#: Passes over each site's activations made by one compute of these statistics.
+PASSES = 1
+DEFAULT_EPS = 1e-6
+DEFAULT_OUTLIER_FACTOR = 6.0
+DEFAULT_RELATIVE_ACCURACY = 0.005
+NORM_QUANTILES: tuple[float, ...] = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+DEFAULT_SPLIT_EVERY = 8
+#: Per-dimension outputs (numpy arrays of the site's feature shape once computed).
+PER_DIM_KEYS: tuple[str, ...] = (
+    "mean",
+    "std",
+    "min",
+    "max",
+    "max_abs",
+    "rms",
+    "skewness",
+    "kurtosis",
+    "near_zero_fraction",
+    "nonfinite_count",
+)
+#: Other lazy outputs of :func:`statistics_for_site`.
+LAZY_KEYS: tuple[str, ...] = (
+    "near_zero_fraction_total",
+    "outlier_dims",
+    "outlier_scores",
+    "row_norm",
+)
+#: Token columns whose value counts are summarised (distinct sequences, rows per step...).
+COUNTED_COLUMNS: tuple[str, ...] = ("sequence", "step", "token_id")
+
+_MAX_SLAB_ROWS = 4096
+_FLUSH_SLABS = 16  # float32 / uint8 slab accumulators are reduced into totals this often
+
+
+# ---------------------------------------------------------------------- partials
+@dataclass
+class NormPartial:
+    """Row-norm summary of some rows: exact moments and extremes plus a log histogram."""
+
+    count: int  # finite norms
+    mean: float
+    m2: float
+    vmin: float
+    vmax: float
+    zeros: int
+    nonfinite: int
+    offset: int  # histogram index of counts[0]
+    counts: np.ndarray  # int64 bin counts of positive finite norms
+
+
+@dataclass
+class SitePartial:
+    """Mergeable summary of some rows of one site; vectors have one entry per flat dim."""
+
+    n: int
+    mean: np.ndarray  # float64[D]
+    m2: np.ndarray  # sum((x - mean)**2)
+    m3: np.ndarray
+    m4: np.ndarray
+    vmin: np.ndarray  # float64[D]
+    vmax: np.ndarray
+    near_zero: np.ndarray  # int64[D]
+    nonfinite: np.ndarray  # int64[D]
+    norms: NormPartial
+
+
+@dataclass
+class ColumnPartial:
+    """Mergeable summary of some rows of one token column."""
+
+    n: int
+    vmin: int
+    vmax: int
+    values: np.ndarray | None  # sorted distinct values (counted columns only)
+    counts: np.ndarray | None  # rows per value
+
+
+# ---------------------------------------------------------------------- block kernels
+_SLAB_ELEMENTS = 32768  # rows per slab: ~128 KiB of float32, measured best on 2 MiB L2
+
+
+def _slab_rows(dims: int) -> int:
+    return max(1, min(_MAX_SLAB_ROWS, _SLAB_ELEMENTS // max(1, dims)))
+
+
+_F16_REBIAS = np.float32(2.0**112)  # 2**(127 - 15): float16 -> float32 exponent bias
+_F16_KEEP = np.int32(-0x70002000)  # 0x8FFFE000: sign bit + the 15 shifted magnitude bits
+_F16_LIMIT = 65536.0  # the fast float16 path maps inf/NaN to magnitudes >= this
+
+
+class _ToFloat32:
+    """Converts slabs of a stored block (float32, float16, or raw bfloat16 bits as uint16)
+    to float32, into a reused buffer.
+
+    bfloat16 -> float32 is exact: the 16 bits become the top half of the float32.
+    float16 -> float32 (numpy's own cast is not vectorised, ~25x slower): sign-extend
+    the bits to int32, shift the magnitude into float32 position, keep sign and
+    magnitude, and multiply by ``2**112`` to rebias the exponent. That is exact for every
+    finite value, subnormals included; inf and NaN come out as finite magnitudes
+    ``>= 65536`` (larger than any finite float16), which the caller detects from the
+    block's extremes and then converts again with ``exact=True`` (numpy's cast).
+    """
+
+    def __init__(self, dtype: np.dtype[Any], rows: int, dims: int, exact: bool = False) -> None:
+        self.buf = np.empty((rows, dims), np.float32)
+        self.exact = exact
+
+    def __call__(self, raw: np.ndarray) -> np.ndarray:
+        k = raw.shape[0]
+        if raw.dtype == np.float32:
+            return raw
+        out = self.buf[:k]
+        if raw.dtype == np.uint16:
+            wide = out.view(np.uint32)
+            np.copyto(wide, raw)
+            np.left_shift(wide, 16, out=wide)
+        elif self.exact:
+            np.copyto(out, raw)
+        else:
+            bits = out.view(np.int32)
+            np.copyto(bits, raw.view(np.int16))
+            np.left_shift(bits, 13, out=bits)
+            np.bitwise_and(bits, _F16_KEEP, out=bits)
+            np.multiply(out, _F16_REBIAS, out=out)
+        return out
+
+
+def _storage_2d(block: np.ndarray) -> np.ndarray:
+    n = block.shape[0]
+    flat = np.ascontiguousarray(block).reshape(n, math.prod(block.shape[1:]))
+    if flat.dtype not in (np.float32, np.float16, np.uint16):
+        raise TypeError(f"unexpected stored dtype {flat.dtype}")
+    return flat
+
+
+def as_float32(block: np.ndarray) -> np.ndarray:
+    """A stored block ``(rows, *features)`` as float32 ``(rows, D)`` (bf16 bits decoded)."""
+    flat = _storage_2d(block)
+    conv = _ToFloat32(flat.dtype, flat.shape[0], flat.shape[1], exact=True)
+    return conv(flat).copy() if flat.dtype != np.float32 else flat
+
+
+@dataclass
+class _Scan:
+    shift: np.ndarray  # float64[D]
+    power: np.ndarray  # float64[4, D]: sum((x - shift)**k), k = 1..4
+    vmin: np.ndarray  # float64[D]
+    vmax: np.ndarray
+    near_zero: np.ndarray  # int64[D]
+    norm2: np.ndarray  # float64[n]: squared row norms
+
+
+def _scan(raw: np.ndarray, eps: float, work: type[np.floating[Any]], exact: bool = False) -> _Scan:
+    """One sweep over a stored block ``(n, D)``: power sums about a block-local shift,
+    extremes, near-zero counts and squared row norms.
+
+    Rows are handled in slabs of ``step`` rows that stay in cache. Each slab is converted
+    to float32 and its terms are added *elementwise* into ``(step, D)`` accumulators (no
+    per-slab reduction, which costs more than an add); every ``_FLUSH_SLABS`` slabs the
+    accumulators are reduced into float64 totals, so float32 rounding spans at most
+    ``_FLUSH_SLABS`` terms per accumulator element.
+    """
+    n, dims = raw.shape
+    step = min(n, _slab_rows(dims))
+    conv = _ToFloat32(raw.dtype, step, dims, exact)
+    totals = np.zeros((4, dims), np.float64)
+    acc = np.zeros((4, step, dims), work)
+    d = np.empty((step, dims), work)
+    q = np.empty((step, dims), work)
+    r = np.empty((step, dims), work)
+    a32 = np.empty((step, dims), np.float32)
+    mask = np.empty((step, dims), np.bool_)
+    nz_acc = np.zeros((step, dims), np.uint8)
+    near_zero = np.zeros(dims, np.int64)
+    lo_acc = np.empty((step, dims), np.float32)
+    hi_acc = np.empty((step, dims), np.float32)
+    norm2 = np.empty(n, work)
+    thresh = np.float32(eps)
+    shift = np.zeros(dims, work)
+    pending = 0
+
+    def flush() -> None:
+        np.add(totals, np.add.reduce(acc, axis=1, dtype=np.float64), out=totals)
+        acc.fill(0)
+        np.add(near_zero, np.add.reduce(nz_acc, axis=0, dtype=np.int64), out=near_zero)
+        nz_acc.fill(0)
+
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        k = hi - lo
+        x32 = conv(raw[lo:hi])
+        if lo == 0:
+            # The first slab's mean: close enough to the block mean that the shifted power
+            # sums do not cancel; the exact conversion to central moments comes later.
+            shift[:] = np.add.reduce(x32, axis=0, dtype=np.float64) / k
+            lo_acc[:] = x32[0]
+            hi_acc[:] = x32[0]
+        np.minimum(lo_acc[:k], x32, out=lo_acc[:k])
+        np.maximum(hi_acc[:k], x32, out=hi_acc[:k])
+        np.less(np.abs(x32, out=a32[:k]), thresh, out=mask[:k])
+        np.add(nz_acc[:k], mask[:k], out=nz_acc[:k])
+        xs = x32 if work is np.float32 else x32.astype(work)
+        np.vecdot(xs, xs, out=norm2[lo:hi])
+        dd, qq, rr = d[:k], q[:k], r[:k]
+        np.subtract(xs, shift, out=dd)
+        np.add(acc[0, :k], dd, out=acc[0, :k])
+        np.multiply(dd, dd, out=qq)
+        np.add(acc[1, :k], qq, out=acc[1, :k])
+        np.multiply(qq, dd, out=rr)
+        np.add(acc[2, :k], rr, out=acc[2, :k])
+        np.multiply(qq, qq, out=rr)
+        np.add(acc[3, :k], rr, out=acc[3, :k])
+        pending += 1
+        if pending == _FLUSH_SLABS:
+            flush()
+            pending = 0
+    flush()
+    return _Scan(
+        shift.astype(np.float64),
+        totals,
+        lo_acc.min(axis=0).astype(np.float64),
+        hi_acc.max(axis=0).astype(np.float64),
+        near_zero,
+        norm2.astype(np.float64, copy=False),
+    )
+
+
+def _norm_partial(norm2: np.ndarray, log_gamma: float) -> NormPartial:
+    norms = np.sqrt(norm2)
+    finite = np.isfinite(norms)
+    nonfinite = int(norms.size - np.count_nonzero(finite))
+    if nonfinite:
+        norms = norms[finite]
+    count = int(norms.size)
+    if count == 0:
+        return NormPartial(0, 0.0, 0.0, math.inf, -math.inf, 0, nonfinite, 0, _EMPTY)
+    mean = float(norms.mean())
+    m2 = float(np.square(norms - mean).sum())
+    positive = norms[norms > 0]
+    zeros = count - int(positive.size)
+    if positive.size:
+        idx = np.ceil(np.log(positive) / log_gamma).astype(np.int64)
+        offset = int(idx.min())
+        counts = np.bincount(idx - offset).astype(np.int64)
+    else:
+        offset, counts = 0, _EMPTY
+    return NormPartial(
+        count, mean, m2, float(norms.min()), float(norms.max()), zeros, nonfinite, offset, counts
+    )
+
+
+_EMPTY = np.zeros(0, np.int64)
+
+
+def site_block_partial(block: np.ndarray, eps: float, log_gamma: float) -> SitePartial:
+    """Summarise one block ``(rows, *features)`` of stored values (float32, float16 or
+    raw bfloat16 bits as uint16) into a :class:`SitePartial`."""
+    raw = _storage_2d(block)
+    n, dims = raw.shape
+    if n == 0:
+        nan = np.full(dims, np.nan)
+        zero = np.zeros(dims, np.int64)
+        empty = NormPartial(0, 0.0, 0.0, math.inf, -math.inf, 0, 0, 0, _EMPTY)
+        return SitePartial(0, nan, nan, nan, nan, nan, nan, zero, zero, empty)
+    with np.errstate(over="ignore", invalid="ignore"):
+        sc = _scan(raw, eps, np.float32)
+    nonfinite = np.zeros(dims, np.int64)
+    if not (
+        np.isfinite(sc.power).all()
+        and np.isfinite(sc.norm2).all()
+        and (raw.dtype != np.float16 or max(-sc.vmin.min(), sc.vmax.max()) < _F16_LIMIT)
+    ):
+        # NaN/inf in the data, or float32 overflow: redo this block in float64.
+        with np.errstate(over="ignore", invalid="ignore"):
+            sc = _scan(raw, eps, np.float64, exact=True)
+        nonfinite = n - np.add.reduce(np.isfinite(as_float32(raw)), axis=0, dtype=np.int64)
+    p = sc.power
+    delta = p[0] / n
+    mean = sc.shift + delta
+    m2 = p[1] - n * delta**2
+    m3 = p[2] - 3 * delta * p[1] + 2 * n * delta**3
+    m4 = p[3] - 4 * delta * p[2] + 6 * delta**2 * p[1] - 3 * n * delta**4
+    np.maximum(m2, 0.0, out=m2)
+    np.maximum(m4, 0.0, out=m4)
+    return SitePartial(
+        n=n,
+        mean=mean,
+        m2=m2,
+        m3=m3,
+        m4=m4,
+        vmin=sc.vmin,
+        vmax=sc.vmax,
+        near_zero=sc.near_zero,
+        nonfinite=nonfinite,
+        norms=_norm_partial(sc.norm2, log_gamma),
+    )
+
+
+# ---------------------------------------------------------------------- merging
+def _merge_norms(a: NormPartial, b: NormPartial) -> NormPartial:
+    zeros, nonfinite = a.zeros + b.zeros, a.nonfinite + b.nonfinite
+    if b.count == 0:
+        return NormPartial(**{**a.__dict__, "zeros": zeros, "nonfinite": nonfinite})
+    if a.count == 0:
+        return NormPartial(**{**b.__dict__, "zeros": zeros, "nonfinite": nonfinite})
+    n = a.count + b.count
+    delta = b.mean - a.mean
+    mean = a.mean + delta * b.count / n
+    m2 = a.m2 + b.m2 + delta * delta * a.count * b.count / n
+    if a.counts.size == 0:
+        offset, counts = b.offset, b.counts
+    elif b.counts.size == 0:
+        offset, counts = a.offset, a.counts
+    else:
+        offset = min(a.offset, b.offset)
+        end = max(a.offset + a.counts.size, b.offset + b.counts.size)
+        counts = np.zeros(end - offset, np.int64)
+        counts[a.offset - offset : a.offset - offset + a.counts.size] += a.counts
+        counts[b.offset - offset : b.offset - offset + b.counts.size] += b.counts
+    return NormPartial(
+        n, mean, m2, min(a.vmin, b.vmin), max(a.vmax, b.vmax), zeros, nonfinite, offset, counts
+    )
+
+
+def _merge_two(a: SitePartial, b: SitePartial) -> SitePartial:
+    if b.n == 0:
+        return a
+    if a.n == 0:
+        return b
+    na, nb = float(a.n), float(b.n)
+    n = na + nb
+    delta = b.mean - a.mean
+    d2 = delta * delta
+    mean = a.mean + delta * (nb / n)
+    m2 = a.m2 + b.m2 + d2 * (na * nb / n)
+    m3 = (
+        a.m3
+        + b.m3
+        + d2 * delta * (na * nb * (na - nb) / (n * n))
+        + 3.0 * delta * (na * b.m2 - nb * a.m2) / n
+    )
+    m4 = (
+        a.m4
+        + b.m4
+        + d2 * d2 * (na * nb * (na * na - na * nb + nb * nb) / (n**3))
+        + 6.0 * d2 * (na * na * b.m2 + nb * nb * a.m2) / (n * n)
+        + 4.0 * delta * (na * b.m3 - nb * a.m3) / n
+    )
+    return SitePartial(
+        n=a.n + b.n,
+        mean=mean,
+        m2=m2,
+        m3=m3,
+        m4=m4,
+        vmin=np.minimum(a.vmin, b.vmin),
+        vmax=np.maximum(a.vmax, b.vmax),
+        near_zero=a.near_zero + b.near_zero,
+        nonfinite=a.nonfinite + b.nonfinite,
+        norms=_merge_norms(a.norms, b.norms),
+    )
+
+
+def merge_site_partials(*parts: SitePartial) -> SitePartial:
+    """Merge partials of disjoint row ranges (order does not matter)."""
+    out = parts[0]
+    for p in parts[1:]:
+        out = _merge_two(out, p)
+    return out
+
+
+# ---------------------------------------------------------------------- finishing
+def _quantile_from_sketch(p: NormPartial, q: float, log_gamma: float) -> float:
+    if p.count == 0:
+        return math.nan
+    rank = math.floor(q * (p.count - 1))  # 0-based, numpy method="lower"
+    if rank < p.zeros:
+        return 0.0
+    cum = np.cumsum(p.counts)
+    i = int(np.searchsorted(cum, rank - p.zeros, side="right"))
+    gamma = math.exp(log_gamma)
+    value = math.exp((p.offset + i) * log_gamma) * 2.0 / (gamma + 1.0)
+    return min(max(value, p.vmin), p.vmax)
+
+
+def finish_site(
+    part: SitePartial,
+    feature_shape: Sequence[int],
+    outlier_factor: float,
+    log_gamma: float,
+    quantiles: Sequence[float],
+) -> dict[str, Any]:
+    """Turn a merged :class:`SitePartial` into the statistics (numpy arrays and floats)."""
+    shape = tuple(int(s) for s in feature_shape)
+    n = float(part.n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        var = part.m2 / n
+        std = np.sqrt(var)
+        skewness = np.sqrt(n) * part.m3 / part.m2**1.5
+        kurtosis = n * part.m4 / (part.m2 * part.m2) - 3.0
+        constant = part.m2 <= 0
+        skewness[constant] = np.nan
+        kurtosis[constant] = np.nan
+        rms = np.sqrt(var + part.mean**2)
+    max_abs = np.maximum(np.abs(part.vmin), np.abs(part.vmax))
+    outliers, scores = _outliers(max_abs, rms, outlier_factor)
+    norms = part.norms
+    gamma = math.exp(log_gamma)
+    per_dim = {
+        "mean": part.mean,
+        "std": std,
+        "min": part.vmin,
+        "max": part.vmax,
+        "max_abs": max_abs,
+        "rms": rms,
+        "skewness": skewness,
+        "kurtosis": kurtosis,
+        "near_zero_fraction": part.near_zero / n,
+        "nonfinite_count": part.nonfinite,
+    }
+    out: dict[str, Any] = {k: np.asarray(v).reshape(shape) for k, v in per_dim.items()}
+    out["near_zero_fraction_total"] = float(part.near_zero.sum() / (n * part.mean.size))
+    out["outlier_dims"] = outliers
+    out["outlier_scores"] = scores
+    out["row_norm"] = {
+        "count": norms.count,
+        "mean": norms.mean if norms.count else math.nan,
+        "std": math.sqrt(norms.m2 / norms.count) if norms.count else math.nan,
+        "min": norms.vmin if norms.count else math.nan,
+        "max": norms.vmax if norms.count else math.nan,
+        "quantiles": {float(q): _quantile_from_sketch(norms, q, log_gamma) for q in quantiles},
+        "relative_accuracy": (gamma - 1.0) / (gamma + 1.0),
+        "zero_count": norms.zeros,
+        "nonfinite_count": norms.nonfinite,
+        "histogram_bins": int(norms.counts.size),
+    }
+    return out
+
+
+def _outliers(max_abs: np.ndarray, rms: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        med_max = np.nanmedian(max_abs) if np.isfinite(max_abs).any() else math.nan
+        med_rms = np.nanmedian(rms) if np.isfinite(rms).any() else math.nan
+        flag = (max_abs > factor * med_max) | (rms > factor * med_rms)
+        score = np.fmax(max_abs / med_max, rms / med_rms)
+    idx = np.flatnonzero(flag)
+    order = np.argsort(-np.nan_to_num(score[idx], nan=0.0, posinf=np.inf), kind="stable")
+    idx = idx[order].astype(np.int64)
+    return idx, score[idx].astype(np.float64)
+
+
+# ---------------------------------------------------------------------- token columns
+def column_block_partial(block: np.ndarray, counted: bool) -> ColumnPartial:
+    """Summarise one block of an int64 token column."""
+    values = np.asarray(block).reshape(-1)
+    if values.size == 0:
+        return ColumnPartial(0, 0, 0, _EMPTY if counted else None, _EMPTY if counted else None)
+    uniq: np.ndarray | None = None
+    counts: np.ndarray | None = None
+    if counted:
+        uniq, c = np.unique(values, return_counts=True)
+        counts = c.astype(np.int64)
+    return ColumnPartial(int(values.size), int(values.min()), int(values.max()), uniq, counts)
+
+
+def merge_column_partials(*parts: ColumnPartial) -> ColumnPartial:
+    """Merge token-column partials of disjoint row ranges."""
+    live = [p for p in parts if p.n]
+    if not live:
+        return parts[0]
+    values: np.ndarray | None = None
+    counts: np.ndarray | None = None
+    if live[0].values is not None:
+        allv = np.concatenate([p.values for p in live if p.values is not None])
+        allc = np.concatenate([p.counts for p in live if p.counts is not None])
+        values, inverse = np.unique(allv, return_inverse=True)
+        counts = np.zeros(values.size, np.int64)
+        np.add.at(counts, inverse.reshape(-1), allc)
+    return ColumnPartial(
+        sum(p.n for p in live),
+        min(p.vmin for p in live),
+        max(p.vmax for p in live),
+        values,
+        counts,
+    )
+
+
+def _count_summary(counts: np.ndarray) -> dict[str, float]:
+    if counts.size == 0:
+        return {"min": math.nan, "mean": math.nan, "max": math.nan}
+    return {
+        "min": int(counts.min()),
+        "mean": float(counts.mean()),
+        "max": int(counts.max()),
+    }
+
+
+def finish_tokens(parts: dict[str, ColumnPartial]) -> dict[str, Any]:
+    """Token-column summary: per column min/max, plus sequence/step/token-id counts."""
+    out: dict[str, Any] = {
+        "rows": max((p.n for p in parts.values()), default=0),
+        "columns": {c: {"min": p.vmin, "max": p.vmax} for c, p in parts.items()},
+    }
+    seq = parts.get("sequence")
+    if seq is not None and seq.counts is not None:
+        out["num_sequences"] = int(seq.counts.size)
+        out["rows_per_sequence"] = _count_summary(seq.counts)
+    step = parts.get("step")
+    if step is not None and step.counts is not None and step.values is not None:
+        out["num_steps"] = int(step.counts.size)
+        out["rows_per_step"] = _count_summary(step.counts)
+        out["step_counts"] = {"step": step.values, "rows": step.counts}
+    tok = parts.get("token_id")
+    if tok is not None and tok.counts is not None:
+        out["num_distinct_tokens"] = int(tok.counts.size)
+    pos = parts.get("position")
+    if pos is not None and pos.n:
+        out["max_position"] = pos.vmax
+    return out
+
+
+# ---------------------------------------------------------------------- graph building
+def _check_number(name: str, value: Any, *, low: float, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise ConfigError(f"{name} must be a number; got {value!r}")
+    v = float(value)
+    if not (low < v < high):
+        raise ConfigError(f"{name} must be in ({low}, {high}); got {value!r}")
+    return v
+
+
+def _check_options(
+    eps: float,
+    outlier_factor: float,
+    relative_accuracy: float,
+    quantiles: Iterable[float],
+    split_every: int,
+) -> tuple[float, float, float, tuple[float, ...], int]:
+    eps_v = _check_number("eps", eps, low=0.0)
+    factor = _check_number("outlier_factor", outlier_factor, low=0.0)
+    acc = _check_number("relative_accuracy", relative_accuracy, low=0.0, high=1.0)
+    qs = tuple(quantiles)
+    for q in qs:
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 <= q <= 1.0:
+            raise ConfigError(f"quantiles must be numbers in [0, 1]; got {q!r}")
+    if isinstance(split_every, bool) or not isinstance(split_every, int) or split_every < 2:
+        raise ConfigError(f"split_every must be an integer >= 2; got {split_every!r}")
+    return eps_v, factor, acc, tuple(float(q) for q in qs), split_every
+
+
+def tree_reduce(parts: list[Delayed], merge: Callable[..., Any], split_every: int) -> Delayed:
+    """Merge ``parts`` ``split_every`` at a time, level by level, into one Delayed."""
+    from dask.delayed import delayed
+
+    if not parts:
+        raise ConfigError("nothing to reduce: the row range selects no blocks")
+    level = list(parts)
+    while len(level) > 1:
+        level = [
+            delayed(merge, pure=True)(*level[i : i + split_every])
+            for i in range(0, len(level), split_every)
+        ]
+    return level[0]
+
+
+def _row_blocks(arr: Any, start: int, stop: int) -> list[Delayed]:
+    """Delayed blocks of rows ``[start, stop)`` of a storage-chunked dask array.
+
+    ``optimize_graph=False`` keeps the reader's block keys, so other analyses that read
+    the same site share those tasks within one ``dask.compute``."""
+    sub = arr[start:stop] if (start, stop) != (0, arr.shape[0]) else arr
+    return list(sub.to_delayed(optimize_graph=False).reshape(-1))
+
+
+def statistics_for_site(
+    capture: Capture | str | os.PathLike[str],
+    site: str,
+    *,
+    rows: Any = None,
+    eps: float = DEFAULT_EPS,
+    outlier_factor: float = DEFAULT_OUTLIER_FACTOR,
+    relative_accuracy: float = DEFAULT_RELATIVE_ACCURACY,
+    quantiles: Iterable[float] = NORM_QUANTILES,
+    split_every: int = DEFAULT_SPLIT_EVERY,
+) -> dict[str, Any]:
+    """Lazy statistics of one site over ``rows`` (see the module docstring for each).
+
+    Returns a dict. The keys of :data:`PER_DIM_KEYS` and :data:`LAZY_KEYS` are
+    ``dask.delayed`` objects: per-dimension ones compute to numpy arrays of the site's
+    feature shape (float64; ``nonfinite_count`` int64), ``near_zero_fraction_total`` to a
+    float, ``outlier_dims`` / ``outlier_scores`` to 1-D arrays, ``row_norm`` to a dict.
+    ``site``, ``rows`` (``[start, stop]``), ``num_rows``, ``feature_shape``, ``dtype``,
+    ``eps``, ``outlier_factor`` and ``passes`` are plain values. Every lazy value is a
+    ``Delayed`` (no dask arrays) on purpose: ``dask.compute`` of a structure that mixes
+    dask arrays and delayed objects returns its results in the wrong places in
+    dask 2026.8 (see :func:`llminstr.analysis.compute`). Nothing is read until the
+    dict is computed (``llminstr.analysis.compute`` or ``dask.compute``); computing any
+    subset of it reads each chunk of the site once.
+    """
+    from dask.delayed import delayed
+
+    cap = as_capture(capture)
+    (name,) = check_sites(cap, [site])
+    eps_v, factor, acc, qs, fan_in = _check_options(
+        eps, outlier_factor, relative_accuracy, quantiles, split_every
+    )
+    start, stop = resolve_rows(rows, cap.num_rows)
+    info = cap.site_info(name)
+    shape = tuple(int(s) for s in info["feature_shape"])
+    log_gamma = math.log((1.0 + acc) / (1.0 - acc))
+
+    arr = cap.activations(name, logical=False)
+    blocks = [
+        delayed(site_block_partial, pure=True)(b, eps_v, log_gamma)
+        for b in _row_blocks(arr, start, stop)
+    ]
+    merged = tree_reduce(blocks, merge_site_partials, fan_in)
+    final = delayed(finish_site, pure=True)(merged, shape, factor, log_gamma, qs)
+    out: dict[str, Any] = {
+        "site": name,
+        "rows": [start, stop],
+        "num_rows": stop - start,
+        "feature_shape": list(shape),
+        "dtype": str(info["logical_dtype"]),
+        "eps": eps_v,
+        "outlier_factor": factor,
+        "passes": PASSES,
+    }
+    for key in (*PER_DIM_KEYS, *LAZY_KEYS):
+        out[key] = final[key]
+    return out
+
+
+def token_summary(
+    capture: Capture | str | os.PathLike[str],
+    *,
+    rows: Any = None,
+    split_every: int = DEFAULT_SPLIT_EVERY,
+) -> Delayed:
+    """Lazy summary of the token columns over ``rows`` (a ``dask.delayed`` dict):
+    ``rows``; ``columns`` (per column ``min``/``max``); ``num_sequences`` and
+    ``rows_per_sequence``; ``num_steps``, ``rows_per_step`` and ``step_counts``
+    (``{"step": values, "rows": counts}``); ``num_distinct_tokens``; ``max_position``."""
+    from dask.delayed import delayed
+
+    cap = as_capture(capture)
+    start, stop = resolve_rows(rows, cap.num_rows)
+    _check_options(DEFAULT_EPS, 1.0, 0.5, (), split_every)
+    columns: dict[str, Delayed] = {}
+    for col, arr in cap.tokens.items():
+        counted = col in COUNTED_COLUMNS
+        blocks = [
+            delayed(column_block_partial, pure=True)(b, counted)
+            for b in _row_blocks(arr, start, stop)
+        ]
+        columns[col] = tree_reduce(blocks, merge_column_partials, split_every)
+    result: Delayed = delayed(finish_tokens, pure=True)(columns)
+    return result
+
+
+def compute_statistics(
+    capture: Capture | str | os.PathLike[str],
+    sites: str | Iterable[str] | None = None,
+    rows: Any = None,
+    *,
+    eps: float = DEFAULT_EPS,
+    outlier_factor: float = DEFAULT_OUTLIER_FACTOR,
+    relative_accuracy: float = DEFAULT_RELATIVE_ACCURACY,
+    quantiles: Iterable[float] = NORM_QUANTILES,
+    split_every: int = DEFAULT_SPLIT_EVERY,
+    tokens: bool = True,
+) -> dict[str, Any]:
+    """Lazy statistics of several sites (all by default) plus the token-column summary.
+
+    Despite its name this builds the graph only: it returns
+    ``{"sites": {site: statistics_for_site(...)}, "tokens": token_summary(...) | None,
+    "rows": [start, stop], "passes": 1}``. Compute it with ``llminstr.analysis.compute``
+    (one ``dask.compute``: each chunk of each site is read once).
+    """
+    cap = as_capture(capture)
+    names = check_sites(cap, sites)
+    start, stop = resolve_rows(rows, cap.num_rows)
+    qs = tuple(quantiles)
+    per_site = {
+        name: statistics_for_site(
+            cap,
+            name,
+            rows=(start, stop),
+            eps=eps,
+            outlier_factor=outlier_factor,
+            relative_accuracy=relative_accuracy,
+            quantiles=qs,
+            split_every=split_every,
+        )
+        for name in names
+    }
+    return {
+        "sites": per_site,
+        "tokens": token_summary(cap, rows=(start, stop), split_every=split_every)
+        if tokens
+        else None,
+        "rows": [start, stop],
+        "passes": PASSES,
+    }

@@ -1,0 +1,383 @@
+"""Statistics of llminstr.analysis.statistics against direct float64 numpy computations."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import token_columns
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llminstr.analysis import analyze_activations, compute
+from llminstr.analysis.statistics import (
+    NORM_QUANTILES,
+    PASSES,
+    PER_DIM_KEYS,
+    compute_statistics,
+    finish_site,
+    merge_site_partials,
+    site_block_partial,
+    statistics_for_site,
+    token_summary,
+)
+from llminstr.format import SiteInfo
+from llminstr.reader import _Source, open_capture
+from llminstr.storage.writer import CaptureWriter
+
+EPS = 1e-3
+ACC = 0.005
+
+
+def make_data(n: int, d: int, seed: int = 0) -> np.ndarray:
+    """float32 rows with the shapes that break naive statistics: a dim with a huge mean
+    and a small spread, a heavy-tailed dim, a 50x outlier dim, exact zeros and tiny
+    values, and a constant dim."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)) * 2.0 + 0.5
+    x[:, 0] = 1000.0 + rng.standard_normal(n) * 0.5  # |mean| / std = 2000
+    x[:, 1] = rng.standard_t(3, n)  # heavy tails
+    x[:, 2] *= 50.0  # outlier dim
+    x[:, 3] = 0.0
+    x[rng.random(n) < 0.3, 4] = 0.0  # near-zero entries
+    x[: n // 2, 5] = rng.standard_normal(n // 2) * 1e-4  # tiny values, around EPS
+    x[:, 6] = 7.25  # constant dim
+    return x.astype(np.float32)
+
+
+def write(
+    path: Path,
+    sites: dict[str, np.ndarray],
+    dtypes: dict[str, str] | None = None,
+    chunk_rows: int = 64,
+    tokens: dict[str, np.ndarray] | None = None,
+) -> None:
+    dtypes = dtypes or {}
+    n = len(next(iter(sites.values())))
+    infos = [SiteInfo(k, v.shape[1:], dtypes.get(k, "float32")) for k, v in sites.items()]
+    stored = {}
+    for k, v in sites.items():
+        kind = dtypes.get(k, "float32")
+        stored[k] = v.astype(ml_dtypes.bfloat16) if kind == "bfloat16" else v.astype(kind)
+    with CaptureWriter(path, infos, chunk_rows=chunk_rows) as w:
+        w.append(tokens if tokens is not None else token_columns(n), stored)
+
+
+def reference(x32: np.ndarray, eps: float = EPS, factor: float = 6.0) -> dict[str, Any]:
+    """Direct float64 statistics of float32 rows (same definitions as the module)."""
+    n = x32.shape[0]
+    flat32 = x32.reshape(n, -1)
+    x = flat32.astype(np.float64)
+    mean = x.mean(0)
+    c = x - mean
+    m2, m3, m4 = (c**2).mean(0), (c**3).mean(0), (c**4).mean(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        skew = m3 / m2**1.5
+        kurt = m4 / m2**2 - 3.0
+    skew[m2 == 0] = np.nan
+    kurt[m2 == 0] = np.nan
+    max_abs = np.abs(x).max(0)
+    rms = np.sqrt((x**2).mean(0))
+    outliers = np.flatnonzero(
+        (max_abs > factor * np.median(max_abs)) | (rms > factor * np.median(rms))
+    )
+    norms = np.sqrt((x**2).sum(1))
+    return {
+        "mean": mean,
+        "std": np.sqrt(m2),
+        "min": x.min(0),
+        "max": x.max(0),
+        "max_abs": max_abs,
+        "rms": rms,
+        "skewness": skew,
+        "kurtosis": kurt,
+        "near_zero_fraction": (np.abs(flat32) < np.float32(eps)).mean(0),
+        "near_zero_count": (np.abs(flat32) < np.float32(eps)).sum(0),
+        "outliers": set(outliers.tolist()),
+        "norms": norms,
+    }
+
+
+def check_site(stats: dict[str, Any], x32: np.ndarray, eps: float = EPS) -> None:
+    ref = reference(x32, eps)
+    shape = x32.shape[1:]
+    n = x32.shape[0]
+    for key in PER_DIM_KEYS:
+        assert stats[key].shape == shape, key
+    flat = {k: np.asarray(stats[k]).reshape(-1) for k in PER_DIM_KEYS}
+    assert stats["num_rows"] == n
+    np.testing.assert_allclose(flat["mean"], ref["mean"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(flat["std"], ref["std"], rtol=1e-5, atol=1e-9)
+    np.testing.assert_array_equal(flat["min"], ref["min"])
+    np.testing.assert_array_equal(flat["max"], ref["max"])
+    np.testing.assert_array_equal(flat["max_abs"], ref["max_abs"])
+    np.testing.assert_allclose(flat["rms"], ref["rms"], rtol=1e-6)
+    np.testing.assert_allclose(flat["skewness"], ref["skewness"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(flat["kurtosis"], ref["kurtosis"], rtol=1e-4, atol=1e-4)
+    # near-zero counts are exact: the fraction is count / n in float64
+    np.testing.assert_array_equal(flat["near_zero_fraction"], ref["near_zero_count"] / n)
+    assert stats["near_zero_fraction_total"] == pytest.approx(
+        ref["near_zero_count"].sum() / ref["near_zero_count"].size / n, rel=1e-12
+    )
+    np.testing.assert_array_equal(flat["nonfinite_count"], 0)
+    assert set(np.asarray(stats["outlier_dims"]).tolist()) == ref["outliers"]
+
+    norms = ref["norms"]
+    rn = stats["row_norm"]
+    assert rn["count"] == n and rn["nonfinite_count"] == 0
+    assert rn["mean"] == pytest.approx(norms.mean(), rel=1e-6)
+    # norms are float32 sums of squares: their spread is resolved to ~1e-6 of their mean
+    assert rn["std"] == pytest.approx(norms.std(), rel=1e-4, abs=1e-6 * norms.mean())
+    assert rn["min"] == pytest.approx(norms.min(), rel=1e-6)
+    assert rn["max"] == pytest.approx(norms.max(), rel=1e-6)
+    assert set(rn["quantiles"]) == set(NORM_QUANTILES)
+    for q, v in rn["quantiles"].items():
+        want = np.quantile(norms, q, method="lower")
+        # within the sketch's relative accuracy (plus float32 rounding of the norms)
+        assert abs(v - want) <= (rn["relative_accuracy"] + 1e-6) * want, (q, v, want)
+
+
+@pytest.fixture
+def data() -> np.ndarray:
+    return make_data(1000, 24)
+
+
+def test_float32_matches_numpy(backend: str, tmp_path: Path, data: np.ndarray) -> None:
+    path = tmp_path / f"c{backend}"
+    write(path, {"s": data})
+    with open_capture(path) as cap:
+        out = compute(compute_statistics(cap, eps=EPS))
+    check_site(out["sites"]["s"], data)
+    assert out["passes"] == PASSES == 1
+    assert out["rows"] == [0, 1000]
+    s = out["sites"]["s"]
+    # the mean-1000 dim is the most extreme (by rms), then the 50x dim (by max |x|)
+    assert s["outlier_dims"].tolist()[:2] == [0, 2]
+    assert np.isnan(s["kurtosis"][6]) and s["std"][6] == 0.0  # constant dim
+    assert s["near_zero_fraction"][3] == 1.0
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_sites(tmp_path: Path, dtype: str, data: np.ndarray) -> None:
+    data = data.copy()
+    data[:, 0] -= 990.0  # keep bf16's 8-bit mantissa from flattening the big-mean dim
+    path = tmp_path / "c.zarr"
+    write(path, {"h": data}, {"h": dtype})
+    stored = data.astype(ml_dtypes.bfloat16) if dtype == "bfloat16" else data.astype(dtype)
+    with open_capture(path) as cap:
+        out = compute(statistics_for_site(cap, "h", eps=EPS))
+    assert out["dtype"] == dtype
+    check_site(out, stored.astype(np.float32))
+
+
+def test_multi_dim_features_and_row_subsets(tmp_path: Path) -> None:
+    x = make_data(700, 16, seed=3).reshape(700, 2, 8)
+    path = tmp_path / "c.h5"
+    write(path, {"a": x}, chunk_rows=50)
+    with open_capture(path) as cap:
+        for rows, (lo, hi) in [
+            ((37, 613), (37, 613)),
+            (slice(-120, None), (580, 700)),
+            (slice(100, 150), (100, 150)),  # exactly one chunk
+            ((0, 1), (0, 1)),
+        ]:
+            out = compute(statistics_for_site(cap, "a", rows=rows, eps=EPS))
+            assert out["rows"] == [lo, hi]
+            sub = x[lo:hi]
+            if hi - lo > 1:
+                check_site(out, sub)
+            else:
+                np.testing.assert_array_equal(out["mean"], sub[0])
+                assert np.isnan(out["kurtosis"]).all()
+
+
+def test_nonfinite_and_float32_overflow(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((300, 6)).astype(np.float32)
+    x[:, 1] *= 3e9  # x**4 overflows float32: the block is redone in float64
+    x[10, 2] = np.nan
+    x[200, 3] = np.inf
+    path = tmp_path / "c.zarr"
+    write(path, {"s": x}, chunk_rows=64)
+    with open_capture(path) as cap:
+        out = compute(statistics_for_site(cap, "s"))
+    np.testing.assert_array_equal(out["nonfinite_count"], [0, 0, 1, 1, 0, 0])
+    ok = [0, 1, 4, 5]
+    check_ok = reference(x[:, ok])
+    np.testing.assert_allclose(out["mean"][ok], check_ok["mean"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out["kurtosis"][ok], check_ok["kurtosis"], rtol=1e-4, atol=1e-4)
+    assert np.isnan(out["mean"][2]) and not np.isfinite(out["mean"][3])
+    rn = out["row_norm"]
+    assert rn["nonfinite_count"] == 2 and rn["count"] == 298
+    norms = np.sqrt((x.astype(np.float64) ** 2).sum(1))
+    finite = norms[np.isfinite(norms)]
+    assert rn["mean"] == pytest.approx(finite.mean(), rel=1e-6)
+    assert rn["quantiles"][0.5] == pytest.approx(
+        np.quantile(finite, 0.5, method="lower"), rel=ACC + 1e-6
+    )
+
+
+def test_zero_rows_in_norm_quantiles(tmp_path: Path) -> None:
+    x = np.ones((100, 4), np.float32)
+    x[:40] = 0.0
+    path = tmp_path / "c.zarr"
+    write(path, {"s": x}, chunk_rows=16)
+    with open_capture(path) as cap:
+        rn = compute(statistics_for_site(cap, "s"))["row_norm"]
+    assert rn["zero_count"] == 40
+    assert rn["quantiles"][0.25] == 0.0
+    assert rn["quantiles"][0.5] == 2.0 and rn["quantiles"][0.99] == 2.0  # clamped to max
+
+
+def test_token_summary(tmp_path: Path) -> None:
+    # 3 prompts of lengths 5, 3, 4 in one prefill step, then 2 decode steps of 3 rows
+    seq = np.array([0] * 5 + [1] * 3 + [2] * 4 + [0, 1, 2, 0, 1, 2])
+    pos = np.array([*range(5), *range(3), *range(4), 5, 3, 4, 6, 4, 5])
+    step = np.array([0] * 12 + [1] * 3 + [2] * 3)
+    tok = np.arange(18) % 11
+    cols = {"token_id": tok, "sequence": seq, "position": pos, "step": step}
+    path = tmp_path / "c.zarr"
+    write(path, {"s": np.zeros((18, 2), np.float32)}, chunk_rows=4, tokens=cols)
+    with open_capture(path) as cap:
+        t = compute(token_summary(cap))
+        sub = compute(token_summary(cap, rows=(12, 18)))
+    assert t["rows"] == 18
+    assert t["columns"]["position"] == {"min": 0, "max": 6}
+    assert t["num_sequences"] == 3
+    assert t["rows_per_sequence"] == {"min": 5, "mean": 6.0, "max": 7}
+    assert t["num_steps"] == 3
+    np.testing.assert_array_equal(t["step_counts"]["step"], [0, 1, 2])
+    np.testing.assert_array_equal(t["step_counts"]["rows"], [12, 3, 3])
+    assert t["rows_per_step"] == {"min": 3, "mean": 6.0, "max": 12}
+    assert t["num_distinct_tokens"] == 11
+    assert t["max_position"] == 6
+    assert sub["rows"] == 6 and sub["num_steps"] == 2 and sub["num_sequences"] == 3
+
+
+class ReadCounter:
+    """Counts ``_Source.read_chunk`` calls per (array, chunk index)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.counts: collections.Counter[tuple[str, int]] = collections.Counter()
+        lock = threading.Lock()
+        original = _Source.read_chunk
+
+        def counting(src: _Source, index: int) -> np.ndarray:
+            with lock:
+                self.counts[(src.key, index)] += 1
+            return original(src, index)
+
+        monkeypatch.setattr(_Source, "read_chunk", counting)
+
+
+@pytest.mark.parametrize("rows", [None, (70, 333)])
+def test_graph_is_lazy_and_reads_each_chunk_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows: tuple[int, int] | None
+) -> None:
+    x = make_data(400, 8)
+    path = tmp_path / "c.zarr"
+    write(path, {"a": x, "b": x[:, :4] * 2, "c": x[:, :3]}, {"b": "bfloat16"}, chunk_rows=32)
+    reads = ReadCounter(monkeypatch)
+    result = analyze_activations(
+        path, rows=rows, include=("statistics",), statistics_options={"eps": EPS}
+    )
+    # a second, independent graph over the same site shares the same block keys
+    result["extra"] = statistics_for_site(result["capture"]["path"], "a", rows=rows, eps=EPS)
+    assert sum(reads.counts.values()) == 0  # building the graph reads nothing
+    out = compute(result, scheduler="threads", num_workers=2)
+    lo, hi = rows or (0, 400)
+    touched = range(lo // 32, (hi - 1) // 32 + 1)
+    keys = [f"activations/{s}" for s in "abc"] + [
+        f"tokens/{c}" for c in ("token_id", "sequence", "position", "step")
+    ]
+    assert dict(reads.counts) == {(k, i): 1 for k in keys for i in touched}
+    assert max(reads.counts.values()) <= PASSES
+    np.testing.assert_allclose(out["statistics"]["sites"]["a"]["mean"], out["extra"]["mean"])
+    check_site(out["statistics"]["sites"]["a"], x[lo:hi])
+
+
+def test_dask_compute_directly_gives_the_same(tmp_path: Path, data: np.ndarray) -> None:
+    """All lazy values are Delayed, so plain dask.compute places every result right."""
+    import dask
+
+    path = tmp_path / "c.zarr"
+    write(path, {"a": data, "b": data[:, ::-1].copy()})
+    result = analyze_activations(path, include=("statistics",))
+    (direct,) = dask.compute(result)
+    ours = compute(result)
+    for site in ("a", "b"):
+        for key in PER_DIM_KEYS:
+            np.testing.assert_array_equal(
+                direct["statistics"]["sites"][site][key], ours["statistics"]["sites"][site][key]
+            )
+    np.testing.assert_allclose(
+        ours["statistics"]["sites"]["b"]["mean"], data[:, ::-1].mean(0), rtol=1e-5, atol=1e-5
+    )
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(st.integers(1, 40), min_size=1, max_size=6),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([np.float32, np.float16, np.uint16]),
+)
+def test_merging_is_split_invariant(sizes: list[int], seed: int, dtype: type) -> None:
+    """Blocks of any sizes, merged in any grouping, give the whole-array statistics."""
+    rng = np.random.default_rng(seed)
+    n = sum(sizes)
+    x = rng.standard_normal((n, 5)) * rng.uniform(0.1, 10, 5) + rng.uniform(-5, 5, 5)
+    x32 = x.astype(np.float32)
+    if dtype is np.uint16:
+        stored = x32.astype(ml_dtypes.bfloat16).view(np.uint16)
+        x32 = stored.view(ml_dtypes.bfloat16).astype(np.float32)
+    else:
+        stored = x32.astype(dtype)
+        x32 = stored.astype(np.float32)
+    lg = float(np.log((1 + ACC) / (1 - ACC)))
+    bounds = np.cumsum([0, *sizes])
+    parts = [site_block_partial(stored[a:b], EPS, lg) for a, b in itertools.pairwise(bounds)]
+    whole = site_block_partial(stored, EPS, lg)
+    empty = site_block_partial(stored[:0], EPS, lg)
+    merged = merge_site_partials(empty, *parts[::-1], empty)
+    fin = finish_site(merged, (5,), 6.0, lg, NORM_QUANTILES)
+    ref = finish_site(whole, (5,), 6.0, lg, NORM_QUANTILES)
+    direct = reference(x32)
+    np.testing.assert_allclose(fin["mean"], direct["mean"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(fin["std"], ref["std"], rtol=1e-6)
+    np.testing.assert_allclose(fin["kurtosis"], ref["kurtosis"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(fin["near_zero_fraction"], ref["near_zero_fraction"])
+    assert fin["row_norm"]["quantiles"] == ref["row_norm"]["quantiles"]
+
+
+def test_float16_extremes_subnormals_and_nonfinite(tmp_path: Path) -> None:
+    """The fast float16 decode is exact for subnormals and the largest finite values;
+    blocks holding inf/NaN are decoded again exactly."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((200, 4)).astype(np.float16)
+    x[:, 0] = np.float16(65504.0) * np.sign(rng.standard_normal(200)).astype(np.float16)
+    x[:, 1] = (rng.integers(-1023, 1024, 200) * 2.0**-24).astype(np.float16)  # subnormals
+    path = tmp_path / "c.zarr"
+    write(path, {"h": x}, {"h": "float16"}, chunk_rows=64)
+    with open_capture(path) as cap:
+        out = compute(statistics_for_site(cap, "h"))
+    check_site(out, x.astype(np.float32), eps=1e-6)
+
+    y = x.copy()
+    y[5, 2] = np.inf
+    y[70, 3] = np.nan
+    path2 = tmp_path / "d.zarr"
+    write(path2, {"h": y}, {"h": "float16"}, chunk_rows=64)
+    with open_capture(path2) as cap:
+        out = compute(statistics_for_site(cap, "h"))
+    np.testing.assert_array_equal(out["nonfinite_count"], [0, 0, 1, 1])
+    assert out["max"][2] == np.inf and np.isnan(out["mean"][3])
+    ref = reference(y[:, :2].astype(np.float32))
+    np.testing.assert_allclose(out["mean"][:2], ref["mean"], rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(out["kurtosis"][:2], ref["kurtosis"], rtol=1e-4, atol=1e-4)
+    assert out["row_norm"]["nonfinite_count"] == 2

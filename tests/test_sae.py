@@ -1,0 +1,317 @@
+"""Tests of the out-of-core TopK SAE (llminstr.analysis.sae)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from llminstr.analysis.sae import (
+    SAEConfig,
+    SAEResult,
+    held_out_mask,
+    load_sae,
+    sae_features,
+    save_sae,
+    train_sae,
+)
+from llminstr.errors import ConfigError, FormatError, SiteNotFoundError
+from llminstr.format import SiteInfo
+from llminstr.reader import Capture, open_capture
+from llminstr.storage.writer import CaptureWriter
+
+D, ATOMS, ACTIVE, ROWS, CHUNK = 48, 96, 3, 30000, 1024
+SITE = "blocks.2.mlp"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def token_columns(rows: np.ndarray) -> dict[str, np.ndarray]:
+    return {
+        "token_id": (rows * 7 + 3) % 1000,
+        "sequence": rows // 64,
+        "position": rows % 64,
+        "step": rows // 64,
+    }
+
+
+def planted(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Rows that are sums of ACTIVE unit atoms (positive magnitudes) plus small noise."""
+    rng = np.random.default_rng(seed)
+    atoms = rng.standard_normal((ATOMS, D))
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    idx = np.argsort(rng.random((ROWS, ATOMS)), axis=1)[:, :ACTIVE]
+    mags = rng.uniform(0.5, 2.0, (ROWS, ACTIVE))
+    x = np.einsum("nk,nkd->nd", mags, atoms[idx]) + 0.02 * rng.standard_normal((ROWS, D))
+    return x.astype(np.float32), atoms
+
+
+@pytest.fixture(scope="module")
+def capture(tmp_path_factory: pytest.TempPathFactory) -> tuple[Capture, np.ndarray, np.ndarray]:
+    x, atoms = planted()
+    path = tmp_path_factory.mktemp("sae") / "planted.zarr"
+    sites = [
+        SiteInfo(SITE, (D,), "float32", kind="ffn", layer=2, module_path=SITE),
+        SiteInfo("other", (4,), "float32"),
+    ]
+    with CaptureWriter(path, sites, chunk_rows=CHUNK) as writer:
+        for start in range(0, ROWS, 5000):
+            rows = np.arange(start, min(start + 5000, ROWS))
+            writer.append(
+                token_columns(rows), {SITE: x[rows], "other": np.zeros((len(rows), 4), np.float32)}
+            )
+    return open_capture(path), x, atoms
+
+
+CONFIG = SAEConfig(n_features=2 * ATOMS, k=4, epochs=3, batch_size=256, seed=3)
+
+
+@pytest.fixture(scope="module")
+def trained(capture: tuple[Capture, np.ndarray, np.ndarray]) -> SAEResult:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train_sae(capture[0], CONFIG, site=SITE)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_recovers_planted_dictionary(
+    capture: tuple[Capture, np.ndarray, np.ndarray], trained: SAEResult
+) -> None:
+    _, _, atoms = capture
+    assert trained.W_dec.shape == (D, 2 * ATOMS)
+    np.testing.assert_allclose(np.linalg.norm(trained.W_dec, axis=0), 1.0, atol=1e-5)
+    best = (atoms @ trained.W_dec).max(axis=1)
+    assert best.mean() >= 0.9, best.mean()
+    m = trained.metrics
+    assert m["fvu"] is not None and m["fvu"] < 0.2
+    assert 0 < m["mean_l0"] <= CONFIG.k
+    assert 0 <= m["dead_fraction"] < 0.5
+    assert m["steps"] > 0 and m["eval_rows"] == ROWS
+    assert trained.feature_frequency.shape == (2 * ATOMS,)
+    assert np.isclose(trained.feature_frequency.sum(), m["mean_l0"])
+    assert trained.config.lr is not None and trained.config.n_features == 2 * ATOMS
+    assert trained.site == SITE
+    # normalisation recorded: scaled inputs have unit mean norm
+    x = capture[1]
+    assert abs(np.linalg.norm(x * trained.input_scale, axis=1).mean() - 1) < 0.05
+    # encode/decode on raw inputs reconstruct well
+    rec = trained.decode(trained.encode(x[:2000]))
+    fvu = ((rec - x[:2000]) ** 2).sum() / ((x[:2000] - x[:2000].mean(0)) ** 2).sum()
+    assert fvu < 0.2
+
+
+def test_top_examples_carry_token_columns(
+    capture: tuple[Capture, np.ndarray, np.ndarray], trained: SAEResult
+) -> None:
+    cap, x, _ = capture
+    T = CONFIG.top_examples
+    assert trained.top_row.shape == (2 * ATOMS, T)
+    latents = trained.encode(x)
+    live = np.flatnonzero(trained.feature_frequency > 0)
+    assert len(live) > 0
+    for f in live[:20]:
+        tops = trained.top_activations(int(f))
+        assert len(tops) == min(T, int((latents[:, f] > 0).sum()))
+        values = [t["value"] for t in tops]
+        assert values == sorted(values, reverse=True)
+        table = cap.token_table()
+        for t in tops:
+            r = t["row"]
+            assert t["token_id"] == table["token_id"][r]
+            assert t["sequence"] == table["sequence"][r]
+            assert t["position"] == table["position"][r]
+            assert np.isclose(t["value"], latents[r, f], rtol=1e-3, atol=1e-4)
+        # they really are the strongest rows of the feature
+        best = np.sort(latents[:, f])[::-1][: len(tops)]
+        np.testing.assert_allclose(values, best, rtol=1e-3, atol=1e-4)
+
+
+def test_held_out_rows_never_trained(capture: tuple[Capture, np.ndarray, np.ndarray]) -> None:
+    cap = capture[0]
+    seen: list[np.ndarray] = []
+    cfg = SAEConfig(
+        n_features=32,
+        k=2,
+        epochs=2,
+        batch_size=512,
+        shuffle_buffer_rows=3000,
+        held_out_fraction=0.1,
+        seed=5,
+        top_examples=0,
+    )
+    res = train_sae(cap, cfg, site=SITE, rows=(1000, 20000), on_batch=seen.append)
+    rows = np.concatenate(seen)
+    held = held_out_mask(np.arange(1000, 20000), 0.1, 5)
+    assert 0.08 < held.mean() < 0.12
+    assert not held_out_mask(rows, 0.1, 5).any()
+    assert rows.min() >= 1000 and rows.max() < 20000
+    # every training row is seen exactly once per epoch
+    counts = np.bincount(rows - 1000, minlength=19000)
+    np.testing.assert_array_equal(counts, np.where(held, 0, 2))
+    assert all(len(b) <= 512 for b in seen)
+    # the batches are shuffled across chunks, not in storage order
+    assert len(np.unique(seen[0] // CHUNK)) > 1
+    assert res.metrics["held_out_rows"] == int(held.sum())
+    assert res.metrics["eval_rows"] == 19000
+    assert res.metrics["rows_trained"] == 2 * int((~held).sum())
+    # membership depends only on the row index and the seed
+    np.testing.assert_array_equal(held_out_mask(np.arange(5000, 6000), 0.1, 5), held[4000:5000])
+
+
+def test_deterministic_with_seed() -> None:
+    x, _ = planted(seed=1)
+    x = x[:6000]
+    cfg = SAEConfig(n_features=64, k=3, steps=40, batch_size=128, seed=11, shuffle_buffer_rows=2048)
+    a, b = train_sae(x, cfg), train_sae(x, cfg)
+    for name, arr in a.arrays().items():
+        np.testing.assert_array_equal(arr, b.arrays()[name], err_msg=name)
+    assert a.loss_history == b.loss_history
+    c = train_sae(x, cfg, seed=12)
+    assert not np.array_equal(a.W_dec, c.W_dec)
+    assert a.metrics["steps"] == 40
+
+
+def test_save_load_round_trip(trained: SAEResult, tmp_path: Path) -> None:
+    out = save_sae(trained, tmp_path / "sae")
+    assert sorted(p.name for p in out.iterdir()) == ["sae.json", "sae.safetensors"]
+    json.loads((out / "sae.json").read_text())
+    back = load_sae(out)
+    for name, arr in trained.arrays().items():
+        got = back.arrays()[name]
+        assert got.dtype == arr.dtype, name
+        np.testing.assert_array_equal(got, arr, err_msg=name)
+    assert back.config == trained.config
+    assert back.metrics == trained.metrics
+    assert back.loss_history == trained.loss_history
+    assert back.input_scale == trained.input_scale and back.site == trained.site
+    # the plain dict form saves identically
+    again = load_sae(save_sae(trained.to_dict(), tmp_path / "sae2"))
+    np.testing.assert_array_equal(again.W_enc, trained.W_enc)
+    with pytest.raises(FormatError):
+        load_sae(tmp_path / "missing")
+
+
+def test_sae_features_is_lazy_and_restricted(
+    capture: tuple[Capture, np.ndarray, np.ndarray],
+) -> None:
+    import dask
+    from dask.delayed import Delayed
+
+    cap = capture[0]
+    lazy = sae_features(
+        cap,
+        SITE,
+        rows=(0, 4096),
+        n_features=32,
+        k=2,
+        steps=10,
+        batch_size=256,
+        shuffle_buffer_rows=1024,
+    )
+    assert isinstance(lazy, Delayed)
+    (out,) = dask.compute(lazy)
+    assert out["site"] == SITE and out["n_features"] == 32
+    assert out["W_dec"].shape == (D, 32)
+    assert out["metrics"]["eval_rows"] == 4096 and out["metrics"]["steps"] == 10
+    rows = out["top_examples"]["row"]
+    assert rows.max() < 4096 and rows.shape == (32, 8)
+    assert set(out["top_examples"]) == {"row", "value", "token_id", "sequence", "position"}
+    # a path works as well as a Capture
+    assert isinstance(sae_features(str(cap.path), SITE, steps=1), Delayed)
+
+
+def test_bfloat16_site_and_dask_input(tmp_path: Path) -> None:
+    import dask.array as da
+    import ml_dtypes
+
+    x, _ = planted(seed=2)
+    x = x[:3000]
+    path = tmp_path / "bf16.h5"
+    with CaptureWriter(path, [SiteInfo("s", (D,), "bfloat16")], chunk_rows=512) as writer:
+        writer.append(token_columns(np.arange(3000)), {"s": x.astype(ml_dtypes.bfloat16)})
+    cfg = SAEConfig(n_features=32, k=3, steps=5, batch_size=128, shuffle_buffer_rows=512)
+    res = train_sae(path, cfg)
+    assert res.site == "s" and res.metrics["eval_rows"] == 3000
+    arr = da.from_array(x, chunks=(700, D))
+    res2 = train_sae(arr, cfg, tokens={"token_id": np.arange(3000)})
+    assert res2.site is None
+    valid = res2.top_row[res2.top_row >= 0]
+    np.testing.assert_array_equal(res2.top_token_id[res2.top_row >= 0], valid)
+    assert (res2.top_sequence[res2.top_row >= 0] == -1).all()
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"k": 0}, "k must be"),
+        ({"n_features": 8, "k": 9}, "must not exceed"),
+        ({"lr": -1.0}, "lr must be"),
+        ({"held_out_fraction": 1.0}, "held_out_fraction"),
+        ({"batch_size": 4096, "shuffle_buffer_rows": 1024}, "shuffle_buffer_rows"),
+        ({"device": "nonsense"}, "device"),
+        ({"epochs": 1.5}, "epochs"),
+        ({"normalize": "yes"}, "normalize"),
+        ({"b_dec_init": "median"}, "b_dec_init"),
+        ({"steps": 0}, "steps"),
+    ],
+)
+def test_config_errors(options: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        SAEConfig(**options)
+
+
+def test_call_errors(capture: tuple[Capture, np.ndarray, np.ndarray]) -> None:
+    cap = capture[0]
+    with pytest.raises(SiteNotFoundError):
+        sae_features(cap, "nope")
+    with pytest.raises(ConfigError, match="unknown SAE option"):
+        sae_features(cap, SITE, bogus=1)
+    with pytest.raises(ConfigError, match="must not exceed"):
+        sae_features(cap, SITE, n_features=2, k=4)
+    with pytest.raises(ConfigError, match="name one with site"):
+        train_sae(cap, CONFIG)
+    with pytest.raises(ConfigError, match="rows must be"):
+        train_sae(cap, CONFIG, site=SITE, rows=slice(0, 100, 2))
+    assert SAEConfig().resolved(100).n_features == 400
+
+
+def test_sparse_gradients_match_autograd() -> None:
+    from llminstr.analysis.sae import _TopK
+
+    rng = np.random.default_rng(4)
+    d, n, k, batch = 12, 40, 5, 64
+    cfg = SAEConfig(n_features=n, k=k, lr=1e-3, seed=2)
+    sae = _TopK(d, cfg, rng.standard_normal(d).astype(np.float32))
+    with torch.no_grad():  # move away from the tied initialisation
+        sae.W_enc += 0.3 * torch.randn(n, d, generator=torch.Generator().manual_seed(0))
+        sae.b_enc += 0.1 * torch.randn(n, generator=torch.Generator().manual_seed(1))
+    x = torch.from_numpy(rng.standard_normal((batch, d)).astype(np.float32))
+    loss, grads = sae.gradients(x)
+
+    params = {
+        name: getattr(sae, name).detach().clone().requires_grad_(True)
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec")
+    }
+    xc = x - params["b_dec"]
+    pre = xc @ params["W_enc"].T + params["b_enc"]
+    idx = pre.detach().topk(k, dim=1).indices
+    z = torch.zeros(batch, n).scatter(1, idx, torch.relu(pre.gather(1, idx)))
+    recon = z @ params["W_dec"] + params["b_dec"]
+    ref = (recon - x).pow(2).sum(dim=1).mean()
+    ref.backward()
+    assert np.isclose(loss, float(ref.detach()), rtol=1e-5)
+    for name, p in params.items():
+        assert p.grad is not None
+        np.testing.assert_allclose(grads[name].numpy(), p.grad.numpy(), rtol=1e-4, atol=1e-6)
