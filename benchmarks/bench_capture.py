@@ -30,14 +30,14 @@ import torch
 from llminstr import HookGranularity, InstrumentationConfig, InstrumentationFramework
 
 
-def overhead(tmp: Path, repeats: int, new_tokens: int) -> dict[str, float]:
+def overhead(tmp: Path, repeats: int, new_tokens: int, device: str = "cpu") -> dict[str, float]:
     import transformers
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
-    model = transformers.GPT2LMHeadModel(cfg).eval()
-    ids = torch.randint(0, 50000, (4, 32))
+    model = transformers.GPT2LMHeadModel(cfg).eval().to(device)
+    ids = torch.randint(0, 50000, (4, 32), device=device)
     fw = InstrumentationFramework(
         InstrumentationConfig(granularity=HookGranularity.ALL, max_memory_gb=1.0, progress=False)
     )
@@ -46,6 +46,8 @@ def overhead(tmp: Path, repeats: int, new_tokens: int) -> dict[str, float]:
     def run() -> None:
         with torch.no_grad():
             model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        if device != "cpu":
+            torch.cuda.synchronize()
 
     run()  # warm-up
     plain, captured = [], []
@@ -72,7 +74,7 @@ class _Wide(torch.nn.Module):
 
     def __init__(self, data: torch.Tensor) -> None:
         super().__init__()
-        self.data = data
+        self.register_buffer("data", data)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.data
@@ -94,9 +96,9 @@ class _Sink(torch.nn.Module):
         return h
 
 
-def sink(tmp: Path, mb: int, threads: int, cname: str) -> dict[str, float]:
+def sink(tmp: Path, mb: int, threads: int, cname: str, device: str = "cpu") -> dict[str, float]:
     layers, batch, seq, width = 8, 4, 256, 1024
-    model = _Sink(layers, batch, seq, width)
+    model = _Sink(layers, batch, seq, width).to(device)
     per_pass = layers * batch * seq * width * 4
     passes = max(2, int(mb * 1e6 // per_pass))
     names = tuple(f"layers.{i}" for i in range(layers))
@@ -104,7 +106,7 @@ def sink(tmp: Path, mb: int, threads: int, cname: str) -> dict[str, float]:
                                 compression_algorithm=cname, chunk_rows=1024, progress=False)  # type: ignore[arg-type]
     fw = InstrumentationFramework(cfg)
     fw.instrument_model(model)
-    ids = torch.zeros(batch, seq, dtype=torch.long)
+    ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
 
     def capture(path: Path) -> float:
         t = time.perf_counter()
@@ -118,7 +120,7 @@ def sink(tmp: Path, mb: int, threads: int, cname: str) -> dict[str, float]:
 
         numcodecs.blosc.use_threads = False
         codec = numcodecs.Blosc(cname=cname, clevel=5 if cname == "lz4" else 1, shuffle=numcodecs.Blosc.SHUFFLE)
-        chunks = [layer.data.reshape(-1, width)[i : i + 1024].numpy() for layer in model.layers for i in range(0, batch * seq, 1024)]
+        chunks = [layer.data.reshape(-1, width)[i : i + 1024].cpu().numpy() for layer in model.layers for i in range(0, batch * seq, 1024)]
         path.mkdir(exist_ok=True)
 
         def work(job: tuple[int, np.ndarray]) -> None:
@@ -200,16 +202,19 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller runs (CI smoke)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON")
     ap.add_argument("--skip", nargs="*", default=[], choices=["overhead", "sink", "memory"])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (overhead and sink runs)")
     args = ap.parse_args()
     threads = os.cpu_count() or 1
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="llminstr-bench-") as d:
         tmp = Path(d)
         if "overhead" not in args.skip:
-            results["overhead"] = overhead(tmp, repeats=2 if args.quick else 3, new_tokens=8 if args.quick else 24)
+            results["overhead"] = overhead(
+                tmp, repeats=2 if args.quick else 3, new_tokens=8 if args.quick else 24, device=args.device
+            )
         if "sink" not in args.skip:
             for cname in ("lz4", "zstd"):
-                results[f"sink_{cname}"] = sink(tmp, 200 if args.quick else 800, threads, cname)
+                results[f"sink_{cname}"] = sink(tmp, 200 if args.quick else 800, threads, cname, args.device)
         if "memory" not in args.skip:
             results["memory"] = memory(tmp, budget_gb=0.1, mbps=100, passes=20 if args.quick else 60)
     print(f"{'benchmark':<12} {'ratio':>7}  details")

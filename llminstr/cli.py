@@ -30,6 +30,18 @@ DEMO_PROMPTS = [
 ]
 
 
+def demo_prompts(n: int) -> list[str]:
+    """Openings of Python's own documentation topics (the demo model's training text)."""
+    from pydoc_data.topics import topics
+
+    texts = [topics[k].strip() for k in sorted(topics)]
+    prompts = []
+    for text in texts[:: max(1, len(texts) // n)][:n]:
+        words = [w for w in text.split() if w.strip("*=-")]
+        prompts.append(" ".join(words[:6]))
+    return prompts
+
+
 def _gb(n: float) -> str:
     return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
@@ -268,10 +280,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     capture_path = out / "capture.zarr"
     print(f"[1/3] capturing ALL-granularity activations of the embedded demo model during generate() -> {capture_path}")
     ns = argparse.Namespace(
-        model="demo", device="cpu", dtype="float32", seed=0, granularity="all", compression="lz4",
+        model="demo", prompt=demo_prompts(args.prompts), device="cpu", dtype="float32", seed=0, granularity="all", compression="lz4",
         target_gbps=2.0, max_memory_gb=args.max_memory_gb, layers=None, module=None, chunk_rows=256,
-        storage_dtype=None, backend=None, quiet=args.quiet, prompt=None, prompts_file=None,
-        output=str(capture_path), overwrite=True, batch_size=8, max_new_tokens=args.max_new_tokens,
+        storage_dtype=None, backend=None, quiet=args.quiet, prompts_file=None,
+        output=str(capture_path), overwrite=True, batch_size=16, max_new_tokens=args.max_new_tokens,
         sample=False, temperature=1.0,
     )
     stats = run_capture(ns)
@@ -338,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="capture + analyse + report on the embedded demo model")
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per prompt (default 48)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
+    p.add_argument("--prompts", type=int, default=64, help="prompts taken from Python's docs (default 64)")
     p.add_argument("--sae-steps", type=int, default=300, help="SAE training steps (default 300)")
     p.add_argument("--max-memory-gb", type=float, default=1.0, help="capture memory budget, GB (default 1)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

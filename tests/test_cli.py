@@ -1,0 +1,132 @@
+"""The command line, used as a new user would: exit codes, outputs, messages."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llminstr.cli import EXIT_ERROR, EXIT_INVALID, EXIT_OK, main
+from llminstr.reader import open_capture
+
+
+@pytest.fixture(scope="module")
+def capture(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "run.zarr"
+    code = main(["capture", str(path), "--prompt", "The with statement", "--prompt", "Lambdas",
+                 "--max-new-tokens", "6", "--chunk-rows", "16", "-q"])
+    assert code == EXIT_OK
+    return path
+
+
+def test_capture_writes_a_complete_capture(capture: Path) -> None:
+    cap = open_capture(capture)
+    assert cap.status == "complete"
+    # two prompts with a leading end-of-text id: 19 + 8 tokens, then 5 decode steps x 2
+    assert cap.num_rows == 19 + 8 + 5 * 2
+    assert len(cap.sites) == 12
+
+
+def test_info_json_and_text(capture: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", str(capture), "--json"]) == EXIT_OK
+    info = json.loads(capsys.readouterr().out)
+    assert info["status"] == "complete" and info["rows"] == 37
+    assert info["sites"][0]["name"] == "transformer.h.0.attn"
+    assert info["stored_bytes"] > 0
+    assert main(["info", str(capture)]) == EXIT_OK
+    text = capsys.readouterr().out
+    assert "status   complete" in text and "transformer.h.3" in text
+
+
+def test_validate_ok_then_corrupt(capture: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(capture)]) == EXIT_OK
+    broken = tmp_path / "broken.zarr"
+    shutil.copytree(capture, broken)
+    chunk = broken / "activations" / "transformer.h.2" / "c" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[40] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["validate", str(broken)]) == EXIT_INVALID
+    err = capsys.readouterr().err
+    assert "chunk 0 of site 'transformer.h.2'" in err and "CRC32C" in err
+
+
+def test_bad_input_exit_code_and_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", str(tmp_path / "missing.zarr")]) == EXIT_ERROR
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "x.zarr")]) == EXIT_ERROR
+    assert "run `llminstr analyze" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["capture"])
+    assert exc.value.code == 2
+
+
+def test_convert_round_trip(capture: Path, tmp_path: Path) -> None:
+    h5 = tmp_path / "run.h5"
+    assert main(["convert", str(capture), str(h5), "-q"]) == EXIT_OK
+    back = tmp_path / "back.zarr"
+    assert main(["convert", str(h5), str(back), "--compression", "zstd", "-q"]) == EXIT_OK
+    a, b, c = open_capture(capture), open_capture(h5), open_capture(back)
+    assert a.sites == b.sites == c.sites and a.num_rows == b.num_rows == c.num_rows
+    assert b.status == c.status == "complete"
+    for site in a.sites:
+        assert np.array_equal(a.read(site), b.read(site)) and np.array_equal(a.read(site), c.read(site))
+        info_a, info_c = a.site_info(site), c.site_info(site)
+        for key in ("module_path", "layer", "kind", "module_class", "logical_dtype", "feature_shape"):
+            assert info_a[key] == info_c[key]
+    for col in a.token_columns:
+        assert np.array_equal(a.token_table()[col], c.token_table()[col])
+    assert c.metadata["compression"]["cname"] == "zstd"
+
+
+def test_analyze_and_report(capture: Path, tmp_path: Path) -> None:
+    out = tmp_path / "an"
+    assert main(["analyze", str(capture), "--out", str(out), "--sae-steps", "20",
+                 "--sae-n-features", "32", "--sae-k", "4", "-q"]) == EXIT_OK
+    doc = json.loads((out / "analysis.json").read_text())
+    assert set(doc) >= {"capture", "statistics", "sae_features", "causal_graph"}
+    assert doc["causal_graph"]["method"] == "observational"  # no model at hand from the CLI
+    assert (out / "sae" / "sae.safetensors").is_file()
+    html_path = tmp_path / "report.html"
+    assert main(["report", str(capture), "--analysis", str(out), "--out", str(html_path)]) == EXIT_OK
+    page = html_path.read_text()
+    for png in ("norms.png", "outliers.png", "compression.png", "sae_frequency.png", "causal.png"):
+        assert f"src='{png}'" in page
+        assert (tmp_path / png).stat().st_size > 1000
+    assert "Top-activating tokens per feature" in page
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium is not installed")
+def test_report_renders_in_chromium(capture: Path, tmp_path: Path) -> None:
+    out = tmp_path / "an"
+    assert main(["analyze", str(capture), "--out", str(out), "--include", "statistics", "-q"]) == EXIT_OK
+    page = tmp_path / "report.html"
+    assert main(["report", str(capture), "--analysis", str(out), "--out", str(page)]) == EXIT_OK
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1000,1400",
+         page.as_uri()],
+        check=True, capture_output=True, timeout=90,
+    )
+    from PIL import Image
+
+    img = np.asarray(Image.open(shot).convert("L"))
+    assert img.shape == (1400, 1000)
+    assert (img < 128).mean() > 0.005  # text and plots, not a blank page
+
+
+def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--prompts", "6", "--max-new-tokens", "8",
+                 "--sae-steps", "20", "-q"]) == EXIT_OK
+    text = capsys.readouterr().out
+    assert "Done. Outputs:" in text and str(out / "report.html") in text
+    assert open_capture(out / "capture.zarr").status == "complete"
+    assert (out / "report.html").is_file() and (out / "analysis" / "analysis.json").is_file()
