@@ -13,7 +13,7 @@ import os
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -28,7 +28,9 @@ from llminstr.format import (
     ACTIVATIONS_GROUP,
     ATTR_KEY,
     COMMIT_DATASET,
+    MAX_CHUNK_BYTES,
     MAX_DOCUMENT_BYTES,
+    MAX_FEATURE_ELEMENTS,
     STATUS_CODES,
     STORAGE_DTYPE,
     TOKENS_GROUP,
@@ -155,7 +157,7 @@ def _read_zarr_frame(path: str, key: str, index: int, feature_ndim: int) -> byte
         return fh.read()
 
 
-_H5_FILES: dict[str, Any] = {}
+_H5_FILES: dict[str, tuple[Any, tuple[int, int]]] = {}  # path -> (file, (dev, inode))
 _H5_LOCK = threading.RLock()
 
 
@@ -163,10 +165,18 @@ def _h5_file(path: str) -> Any:
     import h5py
     import hdf5plugin  # noqa: F401  (registers the Blosc filter for direct reads too)
 
-    f = _H5_FILES.get(path)
-    if f is None or not f.id.valid:
-        f = h5py.File(path, "r", swmr=True, libver=("v110", "v110"))
-        _H5_FILES[path] = f
+    st = os.stat(path)
+    identity = (st.st_dev, st.st_ino)
+    cached = _H5_FILES.get(path)
+    if cached is not None:
+        f, seen = cached
+        if f.id.valid and seen == identity:
+            return f
+        # The path now names another file (the capture was replaced): drop the stale handle.
+        if f.id.valid:
+            f.close()
+    f = h5py.File(path, "r", swmr=True, libver=("v110", "v110"))
+    _H5_FILES[path] = (f, identity)
     return f
 
 
@@ -185,6 +195,48 @@ def _read_hdf5_frame(
         except (KeyError, OSError, ValueError):
             return 0, None
     return int(mask), bytes(frame)
+
+
+def _dig(doc: Any, *keys: str) -> Any:
+    """``doc[k1][k2]...``, or None where a level is missing or not a JSON object."""
+    for key in keys:
+        if not isinstance(doc, dict):
+            return None
+        doc = doc.get(key)
+    return doc
+
+
+def _array_doc(key: str, doc: Any, where: str) -> dict[str, Any]:
+    """Check the llminstr document of one array against its schema and its name."""
+    if not isinstance(doc, dict):
+        raise FormatError(f"{where}: array {key} lacks its '{ATTR_KEY}' attribute")
+    group, name = key.split("/", 1)
+    if group == ACTIVATIONS_GROUP:
+        validate_site(doc, f"{where}: {key}")
+        if STORAGE_DTYPE[doc["logical_dtype"]] != doc["storage_dtype"]:
+            raise FormatError(
+                f"{where}: {key} stores {doc['storage_dtype']} for {doc['logical_dtype']}"
+            )
+        values = int(np.prod(doc["feature_shape"], dtype=np.int64))
+        raw_chunk = values * doc["chunk_rows"] * np.dtype(doc["storage_dtype"]).itemsize
+        if values > MAX_FEATURE_ELEMENTS or raw_chunk > MAX_CHUNK_BYTES:
+            raise FormatError(
+                f"{where}: {key} has rows of {values} values ({raw_chunk} bytes per chunk), "
+                f"above the format limits ({MAX_FEATURE_ELEMENTS} values, {MAX_CHUNK_BYTES} bytes)"
+            )
+        dims = doc["dimension_names"]
+        if len(dims) != len(doc["feature_shape"]) + 1 or len(set(dims)) != len(dims):
+            raise FormatError(
+                f"{where}: {key} needs {len(doc['feature_shape']) + 1} distinct dimension "
+                f"names; got {dims}"
+            )
+        named = doc["name"]
+    else:
+        validate_token(doc, f"{where}: {key}")
+        named = doc["column"]
+    if named != name:
+        raise FormatError(f"{where}: array {key} has the metadata of {named!r}")
+    return doc
 
 
 # ---------------------------------------------------------------------- capture
@@ -206,13 +258,18 @@ class Capture:
     def refresh(self) -> None:
         """Re-read metadata and the commit record (a live capture may have grown)."""
         where = str(self.path)
-        if self.backend == "zarr":
-            root_doc = self._zarr_root(where)
-        else:
-            root_doc = self._hdf5_root(where)
-        validate_root(root_doc, where)
+        # Load into fresh tables; a failed refresh leaves the last good state in place.
+        docs, lengths = self._array_docs, self._array_lengths
+        self._array_docs, self._array_lengths = {}, {}
+        try:
+            load = self._zarr_root if self.backend == "zarr" else self._hdf5_root
+            root_doc = load(where)
+            validate_root(root_doc, where)
+            self._check_layout(root_doc)
+        except BaseException:
+            self._array_docs, self._array_lengths = docs, lengths
+            raise
         self._root = root_doc
-        self._check_layout()
 
     def _zarr_root(self, where: str) -> dict[str, Any]:
         meta = self._zarr_json(self.path / "zarr.json", where)
@@ -222,12 +279,10 @@ class Capture:
             raise NotACaptureError(
                 f"{where} is a Zarr store without the '{ATTR_KEY}' root attribute"
             )
-        names = (
-            [(TOKENS_GROUP, c) for c in root.get("token_columns", [])]
-            + [(ACTIVATIONS_GROUP, s) for s in root.get("sites", [])]
-            if isinstance(root, dict)
-            else []
-        )
+        validate_root(root, where)  # before any of its fields is used
+        names = [(TOKENS_GROUP, c) for c in root["token_columns"]] + [
+            (ACTIVATIONS_GROUP, s) for s in root["sites"]
+        ]
         for group, name in names:
             key = f"{group}/{name}"
             ameta = self._zarr_json(
@@ -235,9 +290,17 @@ class Capture:
             )
             if not isinstance(ameta, dict) or ameta.get("node_type") != "array":
                 raise FormatError(f"{where}: {key} is not a Zarr array")
-            doc = (ameta.get("attributes") or {}).get(ATTR_KEY)
+            attributes = ameta.get("attributes")
+            doc = _array_doc(
+                key, attributes.get(ATTR_KEY) if isinstance(attributes, dict) else None, where
+            )
             shape = ameta.get("shape")
-            if not isinstance(shape, list) or not shape or not isinstance(shape[0], int):
+            if (
+                not isinstance(shape, list)
+                or not shape
+                or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+                or shape[0] < 0
+            ):
                 raise FormatError(f"{where}: {key} has an invalid shape {shape!r}")
             self._array_docs[key] = doc
             self._array_lengths[key] = int(shape[0])
@@ -255,11 +318,9 @@ class Capture:
         return parse_document(path.read_bytes(), where)
 
     def _check_zarr_array(self, key: str, meta: dict[str, Any], doc: Any, where: str) -> None:
-        if not isinstance(doc, dict):
-            raise FormatError(f"{where}: array {key} lacks its '{ATTR_KEY}' attribute")
-        chunk_shape = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
+        chunk_shape = _dig(meta, "chunk_grid", "configuration", "chunk_shape")
         expected_chunks = [doc.get("chunk_rows"), *doc.get("feature_shape", [])]
-        if chunk_shape != expected_chunks:
+        if _dig(meta, "chunk_grid", "name") != "regular" or chunk_shape != expected_chunks:
             raise FormatError(
                 f"{where}: array {key} has chunk shape {chunk_shape}; its metadata says {expected_chunks}"
             )
@@ -273,7 +334,22 @@ class Capture:
                 f"{where}: array {key} has shape {meta.get('shape')}; its feature shape should be "
                 f"{doc.get('feature_shape')}"
             )
-        names = [c.get("name") for c in meta.get("codecs", [])]
+        # This reader reads chunks at the keys of the default '/' encoding, little endian.
+        if _dig(meta, "chunk_key_encoding", "name") != "default" or _dig(
+            meta, "chunk_key_encoding", "configuration", "separator"
+        ) not in (None, "/"):
+            raise FormatError(
+                f"{where}: array {key} has chunk key encoding {meta.get('chunk_key_encoding')!r}; "
+                "the format uses the default encoding with separator '/'"
+            )
+        codecs = meta.get("codecs")
+        names = (
+            [c.get("name") if isinstance(c, dict) else None for c in codecs]
+            if isinstance(codecs, list)
+            else None
+        )
+        if names and _dig(meta["codecs"][0], "configuration", "endian") != "little":
+            raise FormatError(f"{where}: array {key} must use the 'bytes' codec, little endian")
         expected = (
             ["bytes"]
             + (["blosc"] if doc.get("codec") else [])
@@ -285,10 +361,12 @@ class Capture:
             )
 
     def _hdf5_root(self, where: str) -> dict[str, Any]:
+        import h5py
+
         with _H5_LOCK:
             try:
                 f = _h5_file(str(self.path))
-            except OSError as exc:
+            except (OSError, RuntimeError) as exc:  # h5py raises either for a damaged file
                 raise NotACaptureError(f"{where} could not be opened as HDF5: {exc}") from exc
             raw = f.attrs.get(ATTR_KEY)
             if raw is None:
@@ -296,8 +374,7 @@ class Capture:
                     f"{where} is an HDF5 file without the '{ATTR_KEY}' root attribute"
                 )
             root = parse_document(raw if isinstance(raw, (str, bytes)) else str(raw), where)
-            if not isinstance(root, dict):
-                raise NotACaptureError(f"{where}: the '{ATTR_KEY}' attribute is not a JSON object")
+            validate_root(root, where)  # before any of its fields is used
             if COMMIT_DATASET not in f:
                 raise FormatError(f"{where}: the {COMMIT_DATASET} dataset is missing")
             rec_ds = f[COMMIT_DATASET]
@@ -307,16 +384,18 @@ class Capture:
                     f"{where}: {COMMIT_DATASET} must have shape (4,); got {rec_ds.shape}"
                 )
             rec = rec_ds[...]
+            if not np.issubdtype(rec.dtype, np.integer):
+                raise FormatError(f"{where}: {COMMIT_DATASET} must hold integers; got {rec.dtype}")
             seq, rows, code = int(rec[0]), int(rec[1]), int(rec[2])
-            if code not in _STATUS_BY_CODE or rows < 0:
+            if code not in _STATUS_BY_CODE or rows < 0 or seq < 0:
                 raise FormatError(f"{where}: invalid commit record {rec.tolist()}")
             # The commit record is authoritative while it is newer than the root attribute.
-            if seq >= int(root.get("commit_seq", 0) or 0):
+            if seq >= int(root["commit_seq"]):
                 root["committed_rows"] = rows
                 root["status"] = _STATUS_BY_CODE[code]
                 root["commit_seq"] = seq
-            names = [(TOKENS_GROUP, c) for c in root.get("token_columns", [])] + [
-                (ACTIVATIONS_GROUP, s) for s in root.get("sites", [])
+            names = [(TOKENS_GROUP, c) for c in root["token_columns"]] + [
+                (ACTIVATIONS_GROUP, s) for s in root["sites"]
             ]
             for group, name in names:
                 key = f"{group}/{name}"
@@ -324,9 +403,11 @@ class Capture:
                     raise FormatError(f"{where}: dataset {key} is missing")
                 ds = f[key]
                 ds.id.refresh()
-                doc = parse_document(ds.attrs.get(ATTR_KEY, "null"), f"{where}: {key}")
-                if not isinstance(doc, dict):
-                    raise FormatError(f"{where}: dataset {key} lacks its '{ATTR_KEY}' attribute")
+                if not isinstance(ds, h5py.Dataset):
+                    raise FormatError(f"{where}: {key} is not an HDF5 dataset")
+                doc = _array_doc(
+                    key, parse_document(ds.attrs.get(ATTR_KEY, "null"), f"{where}: {key}"), where
+                )
                 if list(ds.chunks or []) != [doc.get("chunk_rows"), *doc.get("feature_shape", [])]:
                     raise FormatError(
                         f"{where}: dataset {key} has chunks {ds.chunks}; its metadata says "
@@ -336,27 +417,19 @@ class Capture:
                     raise FormatError(
                         f"{where}: dataset {key} has shape {ds.shape}, unlike its metadata"
                     )
-                if np.dtype(ds.dtype).name != doc.get("storage_dtype"):
+                if np.dtype(ds.dtype).name != doc.get("storage_dtype") or ds.dtype.byteorder == ">":
                     raise FormatError(
                         f"{where}: dataset {key} has dtype {ds.dtype}; its metadata says {doc.get('storage_dtype')}"
                     )
                 self._array_docs[key] = doc
                 self._array_lengths[key] = int(ds.shape[0])
-        return root
+        return cast(dict[str, Any], root)
 
-    def _check_layout(self) -> None:
+    def _check_layout(self, root: dict[str, Any]) -> None:
         where = str(self.path)
-        rows = int(self._root["committed_rows"])
-        chunk_rows = int(self._root["chunk_rows"])
+        rows = int(root["committed_rows"])
+        chunk_rows = int(root["chunk_rows"])
         for key, doc in self._array_docs.items():
-            if key.startswith(f"{ACTIVATIONS_GROUP}/"):
-                validate_site(doc, f"{where}: {key}")
-                if STORAGE_DTYPE[doc["logical_dtype"]] != doc["storage_dtype"]:
-                    raise FormatError(
-                        f"{where}: {key} stores {doc['storage_dtype']} for {doc['logical_dtype']}"
-                    )
-            else:
-                validate_token(doc, f"{where}: {key}")
             if doc["chunk_rows"] != chunk_rows:
                 raise FormatError(
                     f"{where}: {key} has chunk_rows {doc['chunk_rows']}; the capture uses {chunk_rows}"
@@ -502,9 +575,9 @@ class Capture:
     def close(self) -> None:
         if self.backend == "hdf5":
             with _H5_LOCK:
-                f = _H5_FILES.pop(str(self.path), None)
-                if f is not None:
-                    f.close()
+                cached = _H5_FILES.pop(str(self.path), None)
+                if cached is not None:
+                    cached[0].close()
 
     def __enter__(self) -> Capture:
         return self

@@ -40,3 +40,21 @@ def test_every_doc_with_code_is_covered() -> None:
     covered = {p.name for p in DOCS if _blocks(p)}
     assert {"README.md", "quickstart.md", "guide.md"} <= covered
     assert os.path.isfile(ROOT / "format_spec" / "SPEC.md")
+
+
+def test_api_reference_matches_the_code() -> None:
+    import dataclasses
+
+    import llminstr
+    from llminstr import errors
+
+    text = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    for name in re.findall(r"^## `llminstr\.(\w+)`", text, re.M):
+        assert hasattr(llminstr, name), f"docs/api.md documents llminstr.{name}, which does not exist"
+    fields = {f.name for f in dataclasses.fields(llminstr.InstrumentationConfig)}
+    documented = set(re.findall(r"^\| `(\w+)` \|", text, re.M))
+    assert fields == documented, f"undocumented: {fields - documented}; stale: {documented - fields}"
+    import builtins
+
+    for err in re.findall(r"`(\w+Error)`", text):
+        assert hasattr(errors, err) or hasattr(builtins, err), err

@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -315,8 +316,27 @@ class HDF5Backend(StoreBackend):
             self._file = None
             self._datasets.clear()
         # SWMR forbids attribute changes; reopen without it to record the final document.
-        with h5py.File(self.path, "r+", libver=("v110", "v110")) as f:
-            f.attrs[ATTR_KEY] = json.dumps(root)
+        # A reader that has the file open (e.g. one following the live capture) holds
+        # HDF5's file lock: retry a while, then keep the commit record as the final word
+        # (it already says the final status and row count; readers trust it).
+        for attempt in range(_FINAL_ATTEMPTS):
+            try:
+                with h5py.File(self.path, "r+", libver=("v110", "v110")) as f:
+                    f.attrs[ATTR_KEY] = json.dumps(root)
+                return
+            except BlockingIOError as exc:
+                if attempt + 1 == _FINAL_ATTEMPTS:
+                    import warnings
+
+                    warnings.warn(
+                        f"{str(self.path)!r}: a reader holds the file open, so the final root "
+                        f"metadata could not be written ({exc}); the commit record carries the "
+                        f"final status {root['status']!r} and {root['committed_rows']} rows",
+                        RuntimeWarning,
+                        stacklevel=1,
+                    )
+                    return
+                time.sleep(_FINAL_RETRY_S)
 
     def abandon(self) -> None:
         """Close handles without publishing (used when creation itself failed)."""
@@ -335,7 +355,9 @@ class HDF5Backend(StoreBackend):
             self._thread.shutdown(wait=True)
 
 
-def _now_ms() -> int:
-    import time
+_FINAL_ATTEMPTS = 20
+_FINAL_RETRY_S = 0.05
 
+
+def _now_ms() -> int:
     return int(time.time() * 1000)

@@ -158,15 +158,24 @@ class _PathLock:
         import fcntl
 
         self.lock_path = path.with_name(path.name + ".lock")
-        self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        while True:
+            self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self._fd)
+                raise CaptureLockedError(
+                    f"another writer holds {str(path)!r} (lock file {str(self.lock_path)!r}); "
+                    "two writers on one capture are refused"
+                ) from None
+            # The holder unlinks the lock file on release: if we locked a file that is no
+            # longer the one at lock_path, a third writer may lock the new one. Retry.
+            try:
+                if os.stat(self.lock_path).st_ino == os.fstat(self._fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(self._fd)
-            raise CaptureLockedError(
-                f"another writer holds {str(path)!r} (lock file {str(self.lock_path)!r}); "
-                "two writers on one capture are refused"
-            ) from None
 
     def release(self) -> None:
         if self._fd < 0:
@@ -239,7 +248,7 @@ class CaptureWriter:
                 raise ConfigError(f"token column {extra!r} is declared twice")
             token_cols.append(extra)
         if budget is None:
-            budget = MemoryBudget(memory_budget_bytes if memory_budget_bytes else 1 << 30)
+            budget = MemoryBudget(1 << 30 if memory_budget_bytes is None else memory_budget_bytes)
         self.budget = budget
         row_bytes = [s.row_bytes for s in sites] + [8] * len(token_cols)
         if chunk_rows is None:
@@ -311,6 +320,10 @@ class CaptureWriter:
         self._backend: StoreBackend
         try:
             if self.path.exists():
+                if not overwrite:  # created while we waited for the lock
+                    raise CaptureExistsError(
+                        f"{str(self.path)!r} already exists; pass overwrite=True to replace it"
+                    )
                 _remove_capture(self.path)
             self._backend = (
                 ZarrBackend(self.path, fsync=fsync)
@@ -383,6 +396,11 @@ class CaptureWriter:
         ``ml_dtypes.bfloat16`` array or its raw ``uint16`` bits. The data are copied before
         the call returns, so the caller may reuse its buffer.
         """
+        arr = self._site_rows(name, rows)
+        self._append(self._states[f"{ACTIVATIONS_GROUP}/{name}"], arr)
+
+    def _site_rows(self, name: str, rows: Any) -> np.ndarray:
+        """Check rows of one site; return them as an array of the storage dtype (no copy)."""
         site = self._site_by_name.get(name)
         if site is None:
             raise SiteNotFoundError(
@@ -403,10 +421,17 @@ class CaptureWriter:
                     f"site {name!r} stores {site.dtype}; got an array of dtype {arr.dtype}. "
                     "Cast before writing."
                 )
-        self._append(self._states[f"{ACTIVATIONS_GROUP}/{name}"], arr)
+        return arr
 
     def write_tokens(self, columns: Mapping[str, Any]) -> None:
         """Append rows of the token columns: every declared column, same length, integers."""
+        arrays = self._token_rows(columns)
+        with self._producer_lock:
+            for c in self.token_columns:
+                self._append(self._states[f"{TOKENS_GROUP}/{c}"], arrays[c])
+
+    def _token_rows(self, columns: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Check one block of token columns; return them as little-endian int64 arrays."""
         missing = [c for c in self.token_columns if c not in columns]
         unknown = [c for c in columns if c not in self.token_columns]
         if missing or unknown:
@@ -424,26 +449,25 @@ class CaptureWriter:
         for c, a in arrays.items():
             if a.size and not np.issubdtype(a.dtype, np.integer):
                 raise FormatError(f"token column {c!r} must hold integers; got dtype {a.dtype}")
-        with self._producer_lock:
-            for c in self.token_columns:
-                self._append(
-                    self._states[f"{TOKENS_GROUP}/{c}"], arrays[c].astype("<i8", copy=False)
-                )
+        return {c: a.astype("<i8", copy=False) for c, a in arrays.items()}
 
     def append(self, tokens: Mapping[str, Any], activations: Mapping[str, Any]) -> None:
-        """Append one aligned block: token columns plus every site, all with ``n`` rows."""
-        n = {len(np.asarray(v)) for v in tokens.values()} | {
-            len(np.asarray(v)) for v in activations.values()
-        }
+        """Append one aligned block: token columns plus every site, all with ``n`` rows.
+
+        The whole block is checked first: a block that is refused appends nothing."""
+        token_rows = self._token_rows(tokens)
+        site_rows = {name: self._site_rows(name, rows) for name, rows in activations.items()}
+        n = {len(a) for a in token_rows.values()} | {len(a) for a in site_rows.values()}
         if len(n) > 1:
             raise FormatError(f"append needs the same number of rows everywhere; got {sorted(n)}")
         missing = [s.name for s in self.sites if s.name not in activations]
         if missing:
             raise FormatError(f"append needs every site; missing {missing}")
         with self._producer_lock:
-            self.write_tokens(tokens)
-            for name, rows in activations.items():
-                self.write_site(name, rows)
+            for c in self.token_columns:
+                self._append(self._states[f"{TOKENS_GROUP}/{c}"], token_rows[c])
+            for name, arr in site_rows.items():
+                self._append(self._states[f"{ACTIVATIONS_GROUP}/{name}"], arr)
 
     def _append(self, state: _ArrayState, data: np.ndarray) -> None:
         with self._producer_lock:

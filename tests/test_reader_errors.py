@@ -1,0 +1,583 @@
+"""Errors of the reader: every damaged or foreign input raises an LlminstrError subclass
+with a clear message, never a bare TypeError / KeyError / crash."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import token_columns
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llminstr.errors import (
+    CaptureNotFoundError,
+    CorruptChunkError,
+    FormatError,
+    LlminstrError,
+    NotACaptureError,
+    SiteNotFoundError,
+    UnsupportedVersionError,
+)
+from llminstr.format import MAX_DOCUMENT_BYTES, SiteInfo
+from llminstr.reader import open_capture
+from llminstr.storage.writer import CaptureWriter
+
+ROWS, CHUNK = 10, 4  # chunks 0, 1 full; chunk 2 holds 2 rows
+
+
+def ramp(n: int, width: int) -> np.ndarray:
+    r = np.arange(n, dtype=np.float32)[:, None]
+    return r * 1000 + np.arange(width, dtype=np.float32)[None, :]
+
+
+def make_capture(path: Path, **kwargs: Any) -> Path:
+    with CaptureWriter(
+        path, [SiteInfo("a", (4,)), SiteInfo("b", (2, 3), "float16")], chunk_rows=CHUNK, **kwargs
+    ) as w:
+        w.append(
+            token_columns(ROWS),
+            {"a": ramp(ROWS, 4), "b": ramp(ROWS, 6).reshape(ROWS, 2, 3).astype(np.float16)},
+        )
+    return path
+
+
+@pytest.fixture
+def capture(backend: str, tmp_path: Path) -> Path:
+    return make_capture(tmp_path / f"cap{backend}")
+
+
+# ---------------------------------------------------------------------- metadata editing
+def edit_zarr_json(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+
+
+def edit_root(capture: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    if capture.is_dir():
+        edit_zarr_json(capture / "zarr.json", lambda d: edit(d["attributes"]["llminstr"]))
+    else:
+        import h5py
+
+        with h5py.File(capture, "r+") as f:
+            doc = json.loads(f.attrs["llminstr"])
+            edit(doc)
+            f.attrs["llminstr"] = json.dumps(doc)
+
+
+def edit_array_doc(capture: Path, key: str, edit: Callable[[dict[str, Any]], None]) -> None:
+    if capture.is_dir():
+        edit_zarr_json(capture / key / "zarr.json", lambda d: edit(d["attributes"]["llminstr"]))
+    else:
+        import h5py
+
+        with h5py.File(capture, "r+") as f:
+            doc = json.loads(f[key].attrs["llminstr"])
+            edit(doc)
+            f[key].attrs["llminstr"] = json.dumps(doc)
+
+
+def open_and_read(path: Path) -> None:
+    with open_capture(path) as cap:
+        for name in cap.sites:
+            cap.activations(name).compute()
+        cap.token_table()
+
+
+# ---------------------------------------------------------------------- not a capture
+def test_missing_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.zarr"
+    with pytest.raises(CaptureNotFoundError) as info:
+        open_capture(missing)
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, LlminstrError)
+    assert str(missing) in str(info.value) and "does not exist" in str(info.value)
+
+
+def test_random_directory(tmp_path: Path) -> None:
+    (tmp_path / "d.zarr").mkdir()
+    (tmp_path / "d.zarr" / "notes.txt").write_text("hello")
+    with pytest.raises(
+        NotACaptureError, match=r"without zarr\.json: not a Zarr v3 capture"
+    ) as info:
+        open_capture(tmp_path / "d.zarr")
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("content", [b"", b"hello world", os.urandom(4096), b"\x89HDF"])
+def test_random_file(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "f.h5"
+    path.write_bytes(content)
+    with pytest.raises(NotACaptureError, match="neither a Zarr v3 directory nor an HDF5 file"):
+        open_capture(path)
+
+
+def test_hdf5_signature_but_garbage(tmp_path: Path) -> None:
+    path = tmp_path / "f.h5"
+    path.write_bytes(b"\x89HDF\r\n\x1a\n" + os.urandom(2048))
+    with pytest.raises(NotACaptureError, match="could not be opened as HDF5"):
+        open_capture(path)
+
+
+def test_plain_zarr_group(tmp_path: Path) -> None:
+    import zarr
+
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w", zarr_format=3)
+    group.attrs["other"] = 1
+    group.create_array("x", shape=(4,), dtype="f4")
+    with pytest.raises(NotACaptureError, match="Zarr store without the 'llminstr' root attribute"):
+        open_capture(tmp_path / "g.zarr")
+    zarr.open_array(str(tmp_path / "a.zarr"), mode="w", shape=(3,), dtype="i4")
+    with pytest.raises(NotACaptureError):
+        open_capture(tmp_path / "a.zarr")
+
+
+@pytest.mark.parametrize(
+    "root",
+    [{"format": "something-else"}, "a string", 42, [1, 2], {"format_version": "1.0"}],
+)
+def test_foreign_llminstr_attribute(tmp_path: Path, root: Any) -> None:
+    import zarr
+
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w", zarr_format=3)
+    group.attrs["llminstr"] = root
+    with pytest.raises(NotACaptureError, match="is not an llminstr capture"):
+        open_capture(tmp_path / "g.zarr")
+
+
+def test_plain_hdf5_file(tmp_path: Path) -> None:
+    import h5py
+
+    with h5py.File(tmp_path / "p.h5", "w") as f:
+        f["x"] = np.arange(3)
+    with pytest.raises(NotACaptureError, match="HDF5 file without the 'llminstr' root attribute"):
+        open_capture(tmp_path / "p.h5")
+
+
+def test_zarr_json_not_json(tmp_path: Path) -> None:
+    (tmp_path / "g.zarr").mkdir()
+    (tmp_path / "g.zarr" / "zarr.json").write_bytes(b"{not json")
+    with pytest.raises(FormatError, match="metadata is not valid JSON"):
+        open_capture(tmp_path / "g.zarr")
+
+
+# ---------------------------------------------------------------------- versions
+def test_unknown_major_version(capture: Path) -> None:
+    edit_root(capture, lambda d: d.update(format_version="2.0"))
+    with pytest.raises(UnsupportedVersionError) as info:
+        open_capture(capture)
+    assert isinstance(info.value, ValueError)
+    msg = str(info.value)
+    assert "uses format version 2.0" in msg and "major version 1 only" in msg
+    assert "Upgrade llminstr" in msg
+
+
+def test_newer_minor_version_is_read(capture: Path) -> None:
+    edit_root(capture, lambda d: d.update(format_version="1.7", new_field={"x": 1}))
+    with open_capture(capture) as cap:
+        assert cap.format_version == "1.7"
+        np.testing.assert_array_equal(cap.read("a"), ramp(ROWS, 4))
+
+
+@pytest.mark.parametrize("version", ["one", "1", "1.0.0", 1.0, None])
+def test_malformed_version(capture: Path, version: Any) -> None:
+    edit_root(capture, lambda d: d.update(format_version=version))
+    with pytest.raises(FormatError, match=r"format_version must look like '1\.0'"):
+        open_capture(capture)
+
+
+# ---------------------------------------------------------------------- sites
+def test_missing_site(capture: Path) -> None:
+    with open_capture(capture) as cap:
+        for call in (cap.activations, cap.read, cap.site_info):
+            with pytest.raises(SiteNotFoundError) as info:
+                call("mlp")
+            assert isinstance(info.value, KeyError)
+            assert "has no site 'mlp'; sites: ['a', 'b']" in str(info.value)
+        with pytest.raises(SiteNotFoundError, match="no token column 'nope'; columns: "):
+            cap.tokens["nope"]
+
+
+# ---------------------------------------------------------------------- corrupt chunks
+def zarr_chunk(capture: Path, site: str, index: int) -> Path:
+    zeros = ["0", "0"] if site == "b" else ["0"]
+    return capture.joinpath("activations", site, "c", str(index), *zeros)
+
+
+def check_corrupt(capture: Path, site: str, index: int, detail: str) -> None:
+    with open_capture(capture) as cap:
+        with pytest.raises(CorruptChunkError) as info:
+            cap.activations(site).compute()
+        err = info.value
+        assert isinstance(err, OSError) and isinstance(err, LlminstrError)
+        assert err.site == site and err.chunk == index
+        assert f"chunk {index} of site {site!r} is corrupt" in str(err)
+        assert detail in str(err)
+        # the other chunks still read
+        good = next(i for i in range(3) if i != index)
+        cap.activations(site)[good * CHUNK : good * CHUNK + 1].compute()
+        problems = cap.verify()
+        assert len(problems) == 1 and f"chunk {index} of site {site!r}" in problems[0]
+
+
+@pytest.mark.parametrize("offset", [0, 5, 20, -6, -1])
+def test_zarr_flipped_bytes(tmp_path: Path, offset: int) -> None:
+    capture = make_capture(tmp_path / "c.zarr")
+    chunk = zarr_chunk(capture, "a", 1)
+    data = bytearray(chunk.read_bytes())
+    data[offset] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    check_corrupt(capture, "a", 1, "CRC32C mismatch")
+
+
+@pytest.mark.parametrize("offset", [4, 12])  # Blosc header: nbytes, cbytes
+def test_zarr_flipped_header_without_checksum(tmp_path: Path, offset: int) -> None:
+    capture = make_capture(tmp_path / "c.zarr", checksum=False)
+    chunk = zarr_chunk(capture, "b", 2)
+    data = bytearray(chunk.read_bytes())
+    data[offset] ^= 0x10
+    chunk.write_bytes(bytes(data))
+    check_corrupt(capture, "b", 2, "Blosc")
+
+
+@pytest.mark.parametrize("checksum", [True, False])
+@pytest.mark.parametrize("keep", [0, 3, 10, -1])
+def test_zarr_truncated_chunk(tmp_path: Path, checksum: bool, keep: int) -> None:
+    capture = make_capture(tmp_path / "c.zarr", checksum=checksum)
+    chunk = zarr_chunk(capture, "a", 0)
+    data = chunk.read_bytes()
+    chunk.write_bytes(data[:keep])
+    check_corrupt(capture, "a", 0, "")
+
+
+def test_zarr_truncated_raw_chunk(tmp_path: Path) -> None:
+    capture = make_capture(tmp_path / "c.zarr", compression=None, checksum=False)
+    chunk = zarr_chunk(capture, "a", 1)
+    chunk.write_bytes(chunk.read_bytes()[:-4])
+    check_corrupt(capture, "a", 1, "raw chunk holds 60 bytes")
+
+
+def test_zarr_oversized_chunk(tmp_path: Path) -> None:
+    capture = make_capture(tmp_path / "c.zarr")
+    chunk = zarr_chunk(capture, "a", 1)
+    chunk.write_bytes(os.urandom(10_000))
+    check_corrupt(capture, "a", 1, "exceeds")
+
+
+def test_zarr_deleted_chunk(tmp_path: Path) -> None:
+    capture = make_capture(tmp_path / "c.zarr")
+    zarr_chunk(capture, "a", 2).unlink()
+    check_corrupt(capture, "a", 2, "missing from the store")
+
+
+def test_corrupt_token_chunk(tmp_path: Path) -> None:
+    capture = make_capture(tmp_path / "c.zarr")
+    chunk = capture / "tokens" / "position" / "c" / "1"
+    chunk.write_bytes(chunk.read_bytes()[:-1] + b"\x00")
+    with open_capture(capture) as cap:
+        with pytest.raises(CorruptChunkError, match="chunk 1 of site 'tokens/position'"):
+            cap.tokens["position"].compute()
+        assert cap.verify() == [
+            "chunk 1 of site 'tokens/position' is corrupt: " + cap.verify()[0].split(": ", 1)[1]
+        ]
+
+
+@pytest.mark.parametrize(
+    ("garbage", "detail"),
+    [
+        (b"\x00" * 8, "shorter than its header"),
+        (os.urandom(64), "Blosc"),
+        (b"\x02\x01\x21\x04" + (64).to_bytes(4, "little") + bytes(8), "Blosc"),
+    ],
+)
+def test_hdf5_garbage_chunk(tmp_path: Path, garbage: bytes, detail: str) -> None:
+    import h5py
+
+    capture = make_capture(tmp_path / "c.h5")
+    with h5py.File(capture, "r+") as f:
+        f["activations/a"].id.write_direct_chunk((CHUNK, 0), garbage)
+    check_corrupt(capture, "a", 1, detail)
+
+
+# ---------------------------------------------------------------------- inconsistent metadata
+ZARR_EDITS: dict[str, tuple[str, Callable[[dict[str, Any]], None], str]] = {
+    "feature shape": (
+        "activations/a",
+        lambda d: d.update(shape=[ROWS, 5]),
+        "its feature shape should be [4]",
+    ),
+    "chunk shape": (
+        "activations/a",
+        lambda d: d["chunk_grid"]["configuration"].update(chunk_shape=[8, 4]),
+        "has chunk shape [8, 4]; its metadata says [4, 4]",
+    ),
+    "data type": (
+        "activations/b",
+        lambda d: d.update(data_type="float32"),
+        "has data type 'float32'; its metadata says 'float16'",
+    ),
+    "codecs": (
+        "activations/a",
+        lambda d: d.update(codecs=d["codecs"][:2]),
+        "has codecs ['bytes', 'blosc']; its metadata implies ['bytes', 'blosc', 'crc32c']",
+    ),
+    "short array": (
+        "tokens/step",
+        lambda d: d.update(shape=[ROWS - 1]),
+        "holds 9 rows but 10 are committed",
+    ),
+    "site chunk_rows": (
+        "activations/a",
+        lambda d: d["attributes"]["llminstr"].update(chunk_rows=8),
+        "chunk shape [4, 4]; its metadata says [8, 4]",
+    ),
+    "logical dtype": (
+        "activations/b",
+        lambda d: d["attributes"]["llminstr"].update(logical_dtype="float32"),
+        "does not match the format schema",
+    ),
+    "array is a group": (
+        "activations/a",
+        lambda d: d.update(node_type="group"),
+        "is not a Zarr array",
+    ),
+    "lost attribute": (
+        "activations/a",
+        lambda d: d.update(attributes={}),
+        "lacks its 'llminstr' attribute",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ZARR_EDITS))
+def test_zarr_inconsistent_metadata(tmp_path: Path, case: str) -> None:
+    capture = make_capture(tmp_path / "c.zarr")
+    key, edit, needle = ZARR_EDITS[case]
+    edit_zarr_json(capture / key / "zarr.json", edit)
+    with pytest.raises(FormatError) as info:
+        open_capture(capture)
+    assert needle in str(info.value)
+    assert str(capture) in str(info.value)
+
+
+def test_rows_beyond_the_format_limits(tmp_path: Path) -> None:
+    """A consistent but huge declared shape is refused before anything is allocated."""
+    capture = make_capture(tmp_path / "c.zarr")
+    big = [4096, 8192]
+
+    def edit(d: dict[str, Any]) -> None:
+        d["shape"] = [ROWS, *big]
+        d["chunk_grid"]["configuration"]["chunk_shape"] = [CHUNK, *big]
+        d["dimension_names"] = ["row", "feature_0", "feature_1"]
+        d["attributes"]["llminstr"].update(
+            feature_shape=big, dimension_names=["row", "feature_0", "feature_1"]
+        )
+
+    edit_zarr_json(capture / "activations" / "a" / "zarr.json", edit)
+    with pytest.raises(FormatError, match="above the format limits"):
+        open_capture(capture)
+
+
+@pytest.mark.parametrize("dims", [["row"], ["row", "feature", "x"], ["row", "row"]])
+def test_bad_dimension_names(capture: Path, dims: list[str]) -> None:
+    edit_array_doc(capture, "activations/a", lambda d: d.update(dimension_names=dims))
+    with pytest.raises(
+        FormatError, match=r"distinct dimension names|does not match the format schema"
+    ):
+        open_capture(capture)
+
+
+def test_array_document_of_another_array(capture: Path) -> None:
+    edit_array_doc(capture, "activations/a", lambda d: d.update(name="b"))
+    with pytest.raises(FormatError, match="activations/a has the metadata of 'b'"):
+        open_capture(capture)
+
+
+def test_zarr_foreign_chunk_key_encoding(tmp_path: Path) -> None:
+    capture = make_capture(tmp_path / "c.zarr")
+    edit_zarr_json(
+        capture / "activations" / "a" / "zarr.json",
+        lambda d: d.update(chunk_key_encoding={"name": "v2", "configuration": {"separator": "."}}),
+    )
+    with pytest.raises(FormatError, match="chunk key encoding"):
+        open_capture(capture)
+
+
+def test_failed_refresh_keeps_the_last_good_state(capture: Path) -> None:
+    cap = open_capture(capture)
+    cap.close()  # drops the cached HDF5 handle, so that the file can be edited
+    edit_root(capture, lambda d: d.update(format_version="9.0"))
+    with pytest.raises(UnsupportedVersionError):
+        cap.refresh()
+    assert cap.num_rows == ROWS and cap.format_version == "1.0"
+    np.testing.assert_array_equal(cap.read("a"), ramp(ROWS, 4))
+    cap.close()
+
+
+def test_committed_rows_beyond_array_length(capture: Path) -> None:
+    if capture.is_dir():
+        edit_root(capture, lambda d: d.update(committed_rows=ROWS + 5))
+    else:
+        import h5py
+
+        with h5py.File(capture, "r+") as f:
+            f["llminstr_commit"][1] = ROWS + 5
+    with pytest.raises(FormatError, match=f"holds {ROWS} rows but {ROWS + 5} are committed"):
+        open_capture(capture)
+
+
+def test_site_document_disagrees_with_root(capture: Path) -> None:
+    edit_array_doc(capture, "activations/a", lambda d: d.update(chunk_rows=2))
+    with pytest.raises(FormatError, match="chunk"):
+        open_capture(capture)
+
+
+def test_root_lists_a_missing_array(capture: Path) -> None:
+    edit_root(capture, lambda d: d["sites"].append("ghost"))
+    with pytest.raises(FormatError, match="ghost"):
+        open_capture(capture)
+
+
+def test_hdf5_dataset_disagrees_with_document(tmp_path: Path) -> None:
+    capture = make_capture(tmp_path / "c.h5")
+    edit_array_doc(capture, "activations/b", lambda d: d.update(feature_shape=[3, 2]))
+    with pytest.raises(FormatError, match="activations/b has chunks"):
+        open_capture(capture)
+    capture = make_capture(tmp_path / "d.h5")
+    edit_array_doc(
+        capture,
+        "activations/b",
+        lambda d: d.update(storage_dtype="float32", logical_dtype="float32"),
+    )
+    with pytest.raises(FormatError, match="has dtype float16; its metadata says float32"):
+        open_capture(capture)
+
+
+def test_hdf5_bad_commit_record(tmp_path: Path) -> None:
+    import h5py
+
+    capture = make_capture(tmp_path / "c.h5")
+    with h5py.File(capture, "r+") as f:
+        f["llminstr_commit"][2] = 7
+    with pytest.raises(FormatError, match="invalid commit record"):
+        open_capture(capture)
+    capture = make_capture(tmp_path / "d.h5")
+    with h5py.File(capture, "r+") as f:
+        del f["llminstr_commit"]
+    with pytest.raises(FormatError, match="llminstr_commit dataset is missing"):
+        open_capture(capture)
+
+
+def test_oversized_metadata_document(capture: Path) -> None:
+    padding = "x" * (MAX_DOCUMENT_BYTES + 10)
+    edit_root(capture, lambda d: d["model"].update(padding=padding))
+    with pytest.raises(FormatError, match=r"metadata limit|exceeds the limit") as info:
+        open_capture(capture)
+    assert str(capture) in str(info.value)
+
+
+def test_oversized_array_document(tmp_path: Path) -> None:
+    capture = make_capture(tmp_path / "c.zarr")
+    path = capture / "activations" / "a" / "zarr.json"
+    path.write_text(path.read_text() + " " * MAX_DOCUMENT_BYTES)
+    with pytest.raises(FormatError, match="above the metadata limit"):
+        open_capture(capture)
+
+
+# ---------------------------------------------------------------------- fuzzed metadata
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-3, 2**40)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=5)
+    | st.sampled_from(["float32", "uint16", "lz4", "1.0", "2.0", "complete", "row"]),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+def paths_of(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [prefix]
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            out += paths_of(v, (*prefix, k))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            out += paths_of(v, (*prefix, i))
+    return out
+
+
+def set_at(doc: Any, path: tuple[Any, ...], value: Any) -> Any:
+    if not path:
+        return None if value is DELETE else value
+    node = doc
+    for key in path[:-1]:
+        node = node[key]
+    if value is DELETE and isinstance(node, dict):
+        del node[path[-1]]
+    else:
+        node[path[-1]] = None if value is DELETE else value
+    return doc
+
+
+DELETE = object()
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("pristine")
+    return {s: make_capture(base / f"p{s}") for s in (".zarr", ".h5")}
+
+
+@settings(
+    max_examples=int(os.environ.get("LLMINSTR_HYPOTHESIS_EXAMPLES", "40")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(data=st.data())
+def test_fuzzed_metadata_raises_only_llminstr_errors(
+    backend: str, pristine: dict[str, Path], tmp_path: Path, data: st.DataObject
+) -> None:
+    import shutil
+    import uuid
+
+    target = tmp_path / f"f{uuid.uuid4().hex[:8]}{backend}"
+    if backend == ".zarr":
+        shutil.copytree(pristine[backend], target)
+        key = data.draw(
+            st.sampled_from(["", "activations/a", "activations/b", "tokens/token_id"]), "key"
+        )
+        meta_path = target / key / "zarr.json"
+        doc = json.loads(meta_path.read_text())
+    else:
+        import h5py
+
+        shutil.copy(pristine[backend], target)
+        key = data.draw(st.sampled_from(["", "activations/a", "tokens/step"]), "key")
+        with h5py.File(target, "r") as f:
+            doc = json.loads((f[key] if key else f).attrs["llminstr"])
+    where = data.draw(st.sampled_from(paths_of(doc)), "where")
+    value = data.draw(JSON_VALUES | st.just(DELETE), "value")
+    doc = set_at(doc, where, value)
+    if backend == ".zarr":
+        meta_path.write_text(json.dumps(doc))
+    else:
+        with h5py.File(target, "r+") as f:
+            (f[key] if key else f).attrs["llminstr"] = json.dumps(doc)
+    try:
+        with open_capture(target) as cap:
+            for name in cap.sites:
+                cap.activations(name).compute()
+            cap.token_table()
+            cap.verify()
+            cap.to_xarray()
+    except LlminstrError:
+        pass

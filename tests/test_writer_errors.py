@@ -1,0 +1,549 @@
+"""Errors of the capture writer: right classes, clear messages, no hangs, no leaks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import llminstr_threads, token_columns
+
+from llminstr.errors import (
+    CaptureExistsError,
+    CaptureLockedError,
+    ConfigError,
+    FormatError,
+    LlminstrError,
+    SiteNotFoundError,
+    WriterClosedError,
+    WriterFailedError,
+)
+from llminstr.format import SiteInfo
+from llminstr.reader import open_capture
+from llminstr.storage import backends as backends_mod
+from llminstr.storage import codec as codec_mod
+from llminstr.storage.writer import CaptureWriter
+
+
+def rows(n: int, width: int, start: int = 0) -> np.ndarray:
+    r = np.arange(start, start + n, dtype=np.float32)[:, None]
+    return r * 1000 + np.arange(width, dtype=np.float32)[None, :]
+
+
+@pytest.fixture
+def writer(backend: str, tmp_path: Path) -> Any:
+    w = CaptureWriter(tmp_path / f"cap{backend}", [SiteInfo("a", (4,)), SiteInfo("b", (2, 3))])
+    yield w
+    w.close("aborted")
+
+
+def check_class(exc: BaseException, builtin: type[BaseException]) -> None:
+    assert isinstance(exc, LlminstrError)
+    assert isinstance(exc, builtin)
+
+
+# ---------------------------------------------------------------------- producer input
+@pytest.mark.parametrize(
+    ("site", "data", "needle"),
+    [
+        ("a", np.zeros((3, 5), np.float32), "expects rows of shape (n, 4); got (3, 5)"),
+        ("a", np.zeros(4, np.float32), "expects rows of shape (n, 4); got (4,)"),
+        ("a", np.zeros((2, 4, 1), np.float32), "got (2, 4, 1)"),
+        ("b", np.zeros((2, 3, 2), np.float32), "expects rows of shape (n, 2, 3); got (2, 3, 2)"),
+        ("b", np.zeros((2, 6), np.float32), "got (2, 6)"),
+    ],
+)
+def test_bad_shape(writer: CaptureWriter, site: str, data: np.ndarray, needle: str) -> None:
+    with pytest.raises(FormatError) as info:
+        writer.write_site(site, data)
+    check_class(info.value, ValueError)
+    assert needle in str(info.value)
+    assert repr(site) in str(info.value)
+    assert writer.rows_appended(site) == 0
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16, np.int32, ml_dtypes.bfloat16])
+def test_wrong_dtype(writer: CaptureWriter, dtype: Any) -> None:
+    with pytest.raises(FormatError) as info:
+        writer.write_site("a", np.zeros((2, 4), dtype))
+    check_class(info.value, ValueError)
+    msg = str(info.value)
+    assert "site 'a' stores float32" in msg
+    assert f"dtype {np.dtype(dtype)}" in msg
+    assert "Cast before writing" in msg
+
+
+def test_wrong_dtype_for_bfloat16_site(tmp_path: Path) -> None:
+    with CaptureWriter(tmp_path / "c.zarr", [SiteInfo("h", (2,), "bfloat16")]) as w:
+        with pytest.raises(FormatError, match="stores bfloat16; got an array of dtype float32"):
+            w.write_site("h", np.zeros((1, 2), np.float32))
+        w.write_site("h", np.zeros((1, 2), ml_dtypes.bfloat16))  # both spellings accepted
+        w.write_site("h", np.zeros((1, 2), np.uint16))
+        w.write_tokens(token_columns(2))
+
+
+def test_unknown_site(writer: CaptureWriter) -> None:
+    with pytest.raises(SiteNotFoundError) as info:
+        writer.write_site("c", np.zeros((1, 4), np.float32))
+    check_class(info.value, KeyError)
+    assert str(info.value) == "no site named 'c' in this capture; declared: ['a', 'b']"
+    with pytest.raises(SiteNotFoundError, match="no site or token column named 'zz'"):
+        writer.rows_appended("zz")
+
+
+@pytest.mark.parametrize(
+    ("columns", "needle"),
+    [
+        ({"token_id": [1]}, "missing ['sequence', 'position', 'step']"),
+        ({**token_columns(1), "extra": [1]}, "unknown ['extra']"),
+        ({**token_columns(2), "step": [0]}, "1-D and of equal length"),
+        ({**token_columns(1), "step": [[0]]}, "1-D and of equal length"),
+        ({**token_columns(2), "position": [0.5, 1.0]}, "'position' must hold integers"),
+    ],
+)
+def test_bad_token_columns(writer: CaptureWriter, columns: dict[str, Any], needle: str) -> None:
+    with pytest.raises(FormatError) as info:
+        writer.write_tokens(columns)
+    check_class(info.value, ValueError)
+    assert needle in str(info.value)
+    assert writer.rows_appended("token_id") == 0
+
+
+def test_append_checks_everything_before_writing(writer: CaptureWriter) -> None:
+    ok = {"a": np.zeros((2, 4), np.float32), "b": np.zeros((2, 2, 3), np.float32)}
+    with pytest.raises(FormatError, match=r"same number of rows everywhere; got \[2, 3\]"):
+        writer.append(token_columns(2), {**ok, "b": np.zeros((3, 2, 3), np.float32)})
+    with pytest.raises(FormatError, match=r"needs every site; missing \['b'\]"):
+        writer.append(token_columns(2), {"a": ok["a"]})
+    # A bad block is refused as a whole: nothing is appended anywhere, so rows stay aligned.
+    with pytest.raises(SiteNotFoundError, match="no site named 'c'"):
+        writer.append(token_columns(2), {**ok, "c": np.zeros((2, 4), np.float32)})
+    with pytest.raises(FormatError, match="stores float32"):
+        writer.append(token_columns(2), {**ok, "b": np.zeros((2, 2, 3), np.float64)})
+    with pytest.raises(FormatError, match="expects rows of shape"):
+        writer.append(token_columns(2), {**ok, "b": np.zeros((2, 3, 2), np.float32)})
+    with pytest.raises(FormatError, match="must hold integers"):
+        writer.append({**token_columns(2), "step": [0.5, 1.5]}, ok)
+    assert {writer.rows_appended(n) for n in ["a", "b", "token_id", "step"]} == {0}
+    writer.append(token_columns(2), ok)
+    assert writer.commit() == 2
+
+
+# ---------------------------------------------------------------------- declarations
+@pytest.mark.parametrize(
+    "name", ["", ".", "..", ".hidden", "-x", "a/b", "a b", "ü", "x" * 256, None, 3]
+)
+def test_bad_site_names(name: Any) -> None:
+    with pytest.raises(ConfigError) as info:
+        SiteInfo(name, (4,))
+    check_class(info.value, ValueError)
+    assert "a site name must be 1-255 characters" in str(info.value)
+    assert repr(name) in str(info.value)
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (4, -1), (1 << 25,)])
+def test_bad_feature_shapes(shape: tuple[int, ...]) -> None:
+    with pytest.raises(ConfigError, match=r"site 'x': .*(feature_shape must be|exceeds)"):
+        SiteInfo("x", shape)
+
+
+def test_bad_site_dtype_kind_layer() -> None:
+    with pytest.raises(
+        ConfigError, match="activation dtype must be one of float32, float16, bfloat16; got 'int8'"
+    ):
+        SiteInfo("x", (4,), "int8")
+    with pytest.raises(ConfigError, match="site kind must be one of"):
+        SiteInfo("x", (4,), kind="mlp")
+    with pytest.raises(ConfigError, match="layer must be >= 0"):
+        SiteInfo("x", (4,), layer=-1)
+
+
+def test_duplicate_and_missing_sites(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        CaptureWriter(tmp_path / "d.zarr", [SiteInfo("a", (4,)), SiteInfo("a", (2,))])
+    check_class(info.value, ValueError)
+    assert str(info.value) == "site names must be unique; repeated: ['a']"
+    with pytest.raises(ConfigError, match="at least one site"):
+        CaptureWriter(tmp_path / "d.zarr", [])
+    with pytest.raises(ConfigError, match="token column 'step' is declared twice"):
+        CaptureWriter(tmp_path / "d.zarr", [SiteInfo("a", (4,))], extra_token_columns=["step"])
+    assert not (tmp_path / "d.zarr").exists()
+
+
+@pytest.mark.parametrize("chunk_rows", [0, -3, 2.5, True, "8"])
+def test_bad_chunk_rows(tmp_path: Path, chunk_rows: Any) -> None:
+    with pytest.raises(ConfigError) as info:
+        CaptureWriter(tmp_path / "c.zarr", [SiteInfo("a", (4,))], chunk_rows=chunk_rows)
+    check_class(info.value, ValueError)
+    assert f"chunk_rows must be a positive integer; got {chunk_rows!r}" == str(info.value)
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_chunk_too_large(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"the limit is 2147483648\. Lower chunk_rows"):
+        CaptureWriter(
+            tmp_path / "c.zarr",
+            [SiteInfo("a", (1 << 20,))],
+            chunk_rows=1 << 10,
+            memory_budget_bytes=1 << 40,
+        )
+
+
+@pytest.mark.parametrize("budget", [1000, 0, -1])
+def test_budget_too_small(tmp_path: Path, budget: int) -> None:
+    with pytest.raises(ConfigError) as info:
+        CaptureWriter(
+            tmp_path / "c.zarr",
+            [SiteInfo("a", (1024,)), SiteInfo("b", (1024,))],
+            chunk_rows=64,
+            memory_budget_bytes=budget,
+        )
+    check_class(info.value, ValueError)
+    msg = str(info.value)
+    if budget > 0:
+        assert "is too small for 2 sites with chunk_rows=64: at least" in msg
+        assert "Raise max_memory_gb or lower chunk_rows" in msg
+    else:
+        assert "memory budget must be positive" in msg
+    assert not (tmp_path / "c.zarr").exists()
+    assert not (tmp_path / "c.zarr.lock").exists()
+
+
+def test_budget_floor_is_enough(tmp_path: Path) -> None:
+    """The 'at least' figure of the error is a budget that works."""
+    import re
+
+    kwargs: dict[str, Any] = {"chunk_rows": 16}
+    sites = [SiteInfo("a", (64,)), SiteInfo("b", (32,))]
+    with pytest.raises(ConfigError) as info:
+        CaptureWriter(tmp_path / "c.zarr", sites, memory_budget_bytes=100, **kwargs)
+    needed = float(re.search(r"at least ([0-9.e+-]+) GB", str(info.value)).group(1)) * 1e9
+    with CaptureWriter(
+        tmp_path / "c.zarr", sites, memory_budget_bytes=int(needed * 1.001) + 1, **kwargs
+    ) as w:
+        for i in range(20):
+            w.append(token_columns(7, 7 * i), {"a": rows(7, 64, 7 * i), "b": rows(7, 32, 7 * i)})
+    with open_capture(tmp_path / "c.zarr") as cap:
+        np.testing.assert_array_equal(cap.read("a"), rows(140, 64))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"compression": "gzip"}, "compression must be one of 'lz4', 'zstd', None; got 'gzip'"),
+        ({"compression_level": 0}, "compression level must be an integer in [1, 9]; got 0"),
+        ({"compression_level": 10}, "compression level must be an integer in [1, 9]; got 10"),
+        ({"backend": "parquet"}, "backend must be one of 'zarr', 'hdf5', None; got 'parquet'"),
+    ],
+)
+def test_bad_options(tmp_path: Path, kwargs: dict[str, Any], needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        CaptureWriter(tmp_path / "c.zarr", [SiteInfo("a", (4,))], **kwargs)
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["run.txt", "run", "run.zarr.bak"])
+def test_unknown_backend_suffix(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        CaptureWriter(tmp_path / name, [SiteInfo("a", (4,))])
+    check_class(info.value, ValueError)
+    assert "cannot tell the backend from the path" in str(info.value)
+    assert "'.zarr', '.h5' or '.hdf5'" in str(info.value)
+    assert not (tmp_path / name).exists()
+
+
+def test_explicit_backend_overrides_suffix(tmp_path: Path) -> None:
+    with CaptureWriter(tmp_path / "run.bin", [SiteInfo("a", (4,))], backend="hdf5") as w:
+        w.append(token_columns(1), {"a": rows(1, 4)})
+    with open_capture(tmp_path / "run.bin") as cap:
+        assert cap.backend == "hdf5" and cap.num_rows == 1
+
+
+# ---------------------------------------------------------------------- paths and locks
+def test_existing_path_without_overwrite(backend: str, tmp_path: Path) -> None:
+    path = tmp_path / f"c{backend}"
+    with CaptureWriter(path, [SiteInfo("a", (4,))]) as w:
+        w.append(token_columns(2), {"a": rows(2, 4)})
+    with pytest.raises(CaptureExistsError) as info:
+        CaptureWriter(path, [SiteInfo("a", (4,))])
+    check_class(info.value, FileExistsError)
+    assert "already exists; pass overwrite=True to replace it" in str(info.value)
+    with open_capture(path) as cap:  # untouched
+        assert cap.num_rows == 2 and cap.status == "complete"
+
+
+def test_overwrite_refuses_a_foreign_directory(tmp_path: Path) -> None:
+    target = tmp_path / "data.zarr"
+    target.mkdir()
+    (target / "precious.txt").write_text("keep me")
+    with pytest.raises(CaptureExistsError, match="is a directory that is not a Zarr store"):
+        CaptureWriter(target, [SiteInfo("a", (4,))], overwrite=True)
+    assert (target / "precious.txt").read_text() == "keep me"
+    assert not (tmp_path / "data.zarr.lock").exists()
+
+
+def test_two_writers_in_one_process(backend: str, tmp_path: Path) -> None:
+    path = tmp_path / f"c{backend}"
+    with CaptureWriter(path, [SiteInfo("a", (4,))], chunk_rows=2) as first:
+        first.append(token_columns(3), {"a": rows(3, 4)})
+        first.commit()
+        with pytest.raises(CaptureLockedError) as info:
+            CaptureWriter(path, [SiteInfo("a", (4,))], overwrite=True)
+        check_class(info.value, BlockingIOError)
+        assert "another writer holds" in str(info.value)
+        assert "two writers on one capture are refused" in str(info.value)
+        first.append(token_columns(2, 3), {"a": rows(2, 4, 3)})  # the first one is unharmed
+    with open_capture(path) as cap:
+        assert cap.status == "complete" and cap.num_rows == 5
+        np.testing.assert_array_equal(cap.read("a"), rows(5, 4))
+
+
+SECOND_WRITER = textwrap.dedent(
+    """
+    import sys
+    from llminstr.format import SiteInfo
+    from llminstr.storage.writer import CaptureWriter
+    try:
+        CaptureWriter(sys.argv[1], [SiteInfo("a", (4,))], overwrite=True)
+    except Exception as exc:
+        print(type(exc).__name__, isinstance(exc, BlockingIOError), exc)
+    else:
+        print("no error")
+    """
+)
+
+
+@pytest.mark.timeout(60)
+def test_two_writers_in_two_processes(backend: str, tmp_path: Path) -> None:
+    path = tmp_path / f"c{backend}"
+    with CaptureWriter(path, [SiteInfo("a", (4,))]) as w:
+        w.append(token_columns(3), {"a": rows(3, 4)})
+        w.commit()
+        proc = subprocess.run(
+            [sys.executable, "-c", SECOND_WRITER, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=50,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith("CaptureLockedError True another writer holds"), proc.stdout
+    with open_capture(path) as cap:
+        assert cap.status == "complete" and cap.num_rows == 3
+
+
+def test_writing_after_close(backend: str, tmp_path: Path) -> None:
+    w = CaptureWriter(tmp_path / f"c{backend}", [SiteInfo("a", (4,))])
+    w.append(token_columns(1), {"a": rows(1, 4)})
+    w.close()
+    w.close()  # idempotent
+    calls = [
+        lambda: w.write_site("a", rows(1, 4)),
+        lambda: w.write_tokens(token_columns(1)),
+        lambda: w.append(token_columns(1), {"a": rows(1, 4)}),
+        w.commit,
+    ]
+    for call in calls:
+        with pytest.raises(WriterClosedError) as info:
+            call()
+        check_class(info.value, RuntimeError)
+        assert "is closed" in str(info.value)
+
+
+# ---------------------------------------------------------------------- worker failure
+class FailOnNth:
+    """Wraps a function; the ``n``-th call (1-based, across threads) raises ``exc``."""
+
+    def __init__(self, original: Any, n: int, exc: BaseException, delay: float = 0.0) -> None:
+        self.original, self.n, self.exc, self.delay = original, n, exc, delay
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            self.calls += 1
+            call = self.calls
+        if self.delay:
+            time.sleep(self.delay)
+        if call == self.n:
+            raise self.exc
+        return self.original(*args, **kwargs)
+
+
+def backend_class(suffix: str) -> type:
+    return backends_mod.ZarrBackend if suffix == ".zarr" else backends_mod.HDF5Backend
+
+
+def check_released(path: Path, threads_before: set[str]) -> None:
+    deadline = time.monotonic() + 5
+    while llminstr_threads() - threads_before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert llminstr_threads() <= threads_before, llminstr_threads() - threads_before
+    assert not Path(str(path) + ".lock").exists()
+    # The lock is free: another writer may take the path over.
+    with CaptureWriter(path, [SiteInfo("z", (1,))], overwrite=True) as w:
+        w.append(token_columns(1), {"z": np.zeros((1, 1), np.float32)})
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("where", ["write_chunk", "encode"])
+def test_worker_failure_reaches_the_producer(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    path = tmp_path / f"c{backend}"
+    before = llminstr_threads()
+    disk_full = OSError(28, "disk full")
+    committed_chunks = 3  # 12 rows with chunk_rows=4, one site + 4 token columns
+    n = committed_chunks * 5 + 2
+    if where == "write_chunk":
+        cls = backend_class(backend)
+        fail = FailOnNth(cls.write_chunk, n, disk_full)
+        monkeypatch.setattr(cls, "write_chunk", lambda self, *a: fail(self, *a))
+    else:
+        fail = FailOnNth(codec_mod.ChunkCodec.encode, n, disk_full)
+        monkeypatch.setattr(codec_mod.ChunkCodec, "encode", lambda self, *a: fail(self, *a))
+
+    w = CaptureWriter(path, [SiteInfo("a", (8,))], chunk_rows=4, commit_interval_s=1e9)
+    w.append(token_columns(12), {"a": rows(12, 8)})
+    assert w.commit() == 12
+    start = time.monotonic()
+    with pytest.raises(WriterFailedError) as info:
+        for i in range(10_000):
+            w.append(token_columns(2, 12 + 2 * i), {"a": rows(2, 8, 12 + 2 * i)})
+            time.sleep(0.001)
+    assert time.monotonic() - start < 10
+    err = info.value
+    check_class(err, RuntimeError)
+    assert err.__cause__ is disk_full
+    assert "failed" in str(err) and "disk full" in str(err)
+    # every later call says the same, including close
+    with pytest.raises(WriterFailedError) as again:
+        w.write_site("a", rows(1, 8))
+    assert again.value.__cause__ is disk_full
+    with pytest.raises(WriterFailedError, match="rows up to the last commit") as closing:
+        w.close()
+    assert closing.value.__cause__ is disk_full
+    assert w.status == "aborted"
+    with open_capture(path) as cap:
+        assert cap.status == "aborted"
+        assert cap.num_rows >= 12
+        np.testing.assert_array_equal(cap.read("a"), rows(cap.num_rows, 8))
+        assert "disk full" in cap.metadata["error"]
+        assert cap.verify() == []
+    check_released(path, before)
+
+
+@pytest.mark.timeout(30)
+def test_worker_failure_reported_by_close(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / f"c{backend}"
+    before = llminstr_threads()
+    disk_full = OSError("disk full")
+    cls = backend_class(backend)
+    fail = FailOnNth(cls.write_chunk, 6, disk_full)  # the first chunk written at close
+    monkeypatch.setattr(cls, "write_chunk", lambda self, *a: fail(self, *a))
+    w = CaptureWriter(path, [SiteInfo("a", (8,))], chunk_rows=4, commit_interval_s=1e9)
+    w.append(token_columns(3), {"a": rows(3, 8)})
+    assert w.commit() == 3  # 5 partial chunks
+    w.append(token_columns(3, 3), {"a": rows(3, 8, 3)})  # chunk 0 is full: 5 chunks at close
+    with pytest.raises(WriterFailedError) as info:
+        w.close()
+    assert info.value.__cause__ is disk_full
+    with open_capture(path) as cap:
+        assert cap.status == "aborted" and cap.num_rows == 3
+        np.testing.assert_array_equal(cap.read("a"), rows(3, 8))
+    check_released(path, before)
+
+
+@pytest.mark.timeout(30)
+def test_failure_wakes_a_producer_blocked_on_the_budget(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / f"c{backend}"
+    before = llminstr_threads()
+    disk_full = OSError("disk full")
+    cls = backend_class(backend)
+    # Slow writes keep the budget full; the 12th write fails after a while.
+    fail = FailOnNth(cls.write_chunk, 12, disk_full, delay=0.05)
+    monkeypatch.setattr(cls, "write_chunk", lambda self, *a: fail(self, *a))
+    site = SiteInfo("a", (256,))
+    w = CaptureWriter(path, [site], chunk_rows=8, memory_budget_bytes=40_000, encoder_threads=1)
+    start = time.monotonic()
+    with pytest.raises(WriterFailedError) as info:
+        for i in range(10_000):
+            w.append(token_columns(8, 8 * i), {"a": rows(8, 256, 8 * i)})
+    assert time.monotonic() - start < 10
+    assert info.value.__cause__ is disk_full
+    assert w.stats().stall_seconds > 0
+    with pytest.raises(WriterFailedError):
+        w.close()
+    check_released(path, before)
+
+
+@pytest.mark.timeout(30)
+def test_context_manager_with_failed_worker(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / f"c{backend}"
+    before = llminstr_threads()
+    disk_full = OSError("disk full")
+    cls = backend_class(backend)
+    fail = FailOnNth(cls.write_chunk, 1, disk_full)
+    monkeypatch.setattr(cls, "write_chunk", lambda self, *a: fail(self, *a))
+    with (
+        pytest.raises(WriterFailedError) as info,
+        CaptureWriter(path, [SiteInfo("a", (2,))], chunk_rows=1) as w,
+    ):
+        for i in range(10_000):
+            w.append(token_columns(1, i), {"a": rows(1, 2, i)})
+            time.sleep(0.001)
+    assert info.value.__cause__ is disk_full
+    with open_capture(path) as cap:
+        assert cap.status == "aborted"
+    check_released(path, before)
+
+
+# ---------------------------------------------------------------------- backpressure
+@pytest.mark.timeout(60)
+def test_backpressure_blocks_without_losing_data(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / f"c{backend}"
+    cls = backend_class(backend)
+    original = cls.write_chunk
+
+    def slow_write(self: Any, *args: Any) -> None:
+        time.sleep(0.004)
+        original(self, *args)
+
+    monkeypatch.setattr(cls, "write_chunk", slow_write)
+    sites = [SiteInfo("a", (256,)), SiteInfo("b", (64,), "bfloat16")]
+    budget = 48_000
+    rng = np.random.default_rng(1)
+    n = 8 * 40
+    a = rng.standard_normal((n, 256)).astype(np.float32)
+    b = rng.standard_normal((n, 64)).astype(ml_dtypes.bfloat16)
+    with CaptureWriter(
+        path, sites, chunk_rows=8, memory_budget_bytes=budget, encoder_threads=2
+    ) as w:
+        for lo in range(0, n, 5):
+            hi = min(n, lo + 5)
+            w.append(token_columns(hi - lo, lo), {"a": a[lo:hi], "b": b[lo:hi]})
+    stats = w.stats()
+    assert stats.stall_seconds > 0
+    assert stats.stall_events > 0
+    assert 0 < stats.peak_buffered_bytes <= budget == w.budget.limit
+    assert w.budget.used == 0  # every byte given back
+    assert stats.rows == n
+    with open_capture(path) as cap:
+        assert cap.status == "complete" and cap.num_rows == n
+        np.testing.assert_array_equal(cap.read("a"), a)
+        np.testing.assert_array_equal(cap.read("b").view(np.uint16), b.view(np.uint16))
+        np.testing.assert_array_equal(cap.token_table()["token_id"], token_columns(n)["token_id"])
