@@ -50,6 +50,8 @@ CODEC_NAMES = ("lz4", "zstd", None)
 DEFAULT_LEVEL = {"lz4": 5, "zstd": 1}
 
 MAX_FEATURE_ELEMENTS = 1 << 24  # 16M values per row: far above any model, bounds reads
+MAX_FEATURE_NDIM = 8
+MAX_CHUNK_ROWS = 1 << 24
 MAX_CHUNK_BYTES = 1 << 31  # 2 GiB: Blosc1 frames cannot be larger
 MAX_DOCUMENT_BYTES = 16 << 20  # metadata documents larger than this are refused
 
@@ -62,7 +64,7 @@ def utc_now() -> str:
 
 def check_name(name: str) -> str:
     """Site names are dotted module paths: letters, digits, ``_ . -``; 1-255 chars."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or name in {".", ".."}:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in {".", ".."}:
         raise ConfigError(
             "a site name must be 1-255 characters of letters, digits, '_', '.', '-' and not "
             f"start with '.' or '-'; got {name!r}"
@@ -131,10 +133,10 @@ class SiteInfo:
     def __post_init__(self) -> None:
         check_name(self.name)
         shape = tuple(int(d) for d in self.feature_shape)
-        if not shape or any(d < 1 for d in shape):
+        if not shape or any(d < 1 for d in shape) or len(shape) > MAX_FEATURE_NDIM:
             raise ConfigError(
-                f"site {self.name!r}: feature_shape must be a non-empty tuple of positive "
-                f"integers; got {self.feature_shape!r}"
+                f"site {self.name!r}: feature_shape must be a tuple of 1 to {MAX_FEATURE_NDIM} "
+                f"positive integers; got {self.feature_shape!r}"
             )
         if int(np.prod(shape)) > MAX_FEATURE_ELEMENTS:
             raise ConfigError(
@@ -155,6 +157,23 @@ class SiteInfo:
     @property
     def row_bytes(self) -> int:
         return int(np.prod(self.feature_shape)) * np.dtype(self.storage_dtype).itemsize
+
+
+def json_safe(obj: Any) -> Any:
+    """A copy of ``obj`` that strict JSON can hold: non-finite floats become ``None``,
+    tuples become lists, and objects JSON does not know become their ``str``."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        value = float(obj)
+        return value if np.isfinite(value) else None
+    return str(obj)
 
 
 def dimension_names(feature_ndim: int) -> list[str]:
@@ -218,8 +237,8 @@ def root_document(
         "error": None,
         "library": {"name": "llminstr", "version": library_version},
         "backend": backend,
-        "model": model if model is not None else {},
-        "capture_config": capture_config if capture_config is not None else {},
+        "model": json_safe(model) if model is not None else {},
+        "capture_config": json_safe(capture_config) if capture_config is not None else {},
         "chunk_rows": chunk_rows,
         "compression": {
             "cname": codec.cname,

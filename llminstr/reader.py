@@ -429,7 +429,21 @@ class Capture:
         where = str(self.path)
         rows = int(root["committed_rows"])
         chunk_rows = int(root["chunk_rows"])
+        if root["backend"] != self.backend:
+            raise FormatError(
+                f"{where}: the root document says backend {root['backend']!r} but the container "
+                f"is {self.backend!r}"
+            )
+        comp = root["compression"]
         for key, doc in self._array_docs.items():
+            codec = doc["codec"]
+            got = (codec["cname"], codec["clevel"]) if codec else (None, None)
+            if got != (comp["cname"], comp["clevel"]) or doc["checksum"] != comp["checksum"]:
+                raise FormatError(
+                    f"{where}: {key} uses codec {got} with checksum {doc['checksum']!r}; the root "
+                    f"compression summary says ({comp['cname']!r}, {comp['clevel']!r}) with "
+                    f"checksum {comp['checksum']!r}"
+                )
             if doc["chunk_rows"] != chunk_rows:
                 raise FormatError(
                     f"{where}: {key} has chunk_rows {doc['chunk_rows']}; the capture uses {chunk_rows}"

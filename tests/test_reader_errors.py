@@ -581,3 +581,61 @@ def test_fuzzed_metadata_raises_only_llminstr_errors(
             cap.to_xarray()
     except LlminstrError:
         pass
+
+
+def test_root_backend_and_compression_must_match_the_arrays(tmp_path):  # type: ignore[no-untyped-def]
+    import json
+
+    import numpy as np
+
+    from llminstr.errors import FormatError
+    from llminstr.format import SiteInfo
+    from llminstr.reader import open_capture
+    from llminstr.storage.writer import CaptureWriter
+
+    for field, value, message in (("backend", "hdf5", "backend"), ("compression", None, "compression summary")):
+        path = tmp_path / f"{field}.zarr"
+        with CaptureWriter(path, [SiteInfo("s", (4,))], chunk_rows=4) as w:
+            w.append({"token_id": [1], "sequence": [0], "position": [0], "step": [0]},
+                     {"s": np.ones((1, 4), np.float32)})
+        meta = json.loads((path / "zarr.json").read_text())
+        doc = meta["attributes"]["llminstr"]
+        if field == "backend":
+            doc["backend"] = value
+        else:
+            doc["compression"]["cname"] = "zstd"
+        (path / "zarr.json").write_text(json.dumps(meta))
+        with pytest.raises(FormatError, match=message):
+            open_capture(path)
+
+
+def test_writer_refuses_what_the_schema_refuses(tmp_path):  # type: ignore[no-untyped-def]
+    from llminstr.errors import ConfigError
+    from llminstr.format import SiteInfo, check_name
+    from llminstr.storage.writer import CaptureWriter
+
+    with pytest.raises(ConfigError, match="1 to 8"):
+        SiteInfo("s", (1,) * 9)
+    with pytest.raises(ConfigError, match="chunk_rows must be an integer in"):
+        CaptureWriter(tmp_path / "c.zarr", [SiteInfo("s", (1,))], chunk_rows=(1 << 24) + 1)
+    with pytest.raises(ConfigError, match="site name"):
+        check_name("abc\n")
+
+
+def test_non_finite_model_metadata_is_written_as_strict_json(tmp_path):  # type: ignore[no-untyped-def]
+    import json
+
+    import numpy as np
+
+    from llminstr.format import SiteInfo
+    from llminstr.reader import open_capture
+    from llminstr.storage.writer import CaptureWriter
+
+    for suffix in ("zarr", "h5"):
+        path = tmp_path / f"c.{suffix}"
+        with CaptureWriter(path, [SiteInfo("s", (2,))], model={"x": float("nan"), "y": (1, 2)}) as w:
+            w.append({"token_id": [1], "sequence": [0], "position": [0], "step": [0]},
+                     {"s": np.ones((1, 2), np.float32)})
+        assert open_capture(path).metadata["model"] == {"x": None, "y": [1, 2]}
+        if suffix == "zarr":
+            json.loads((path / "zarr.json").read_text(), parse_constant=lambda c: pytest.fail(c))

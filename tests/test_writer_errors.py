@@ -182,7 +182,7 @@ def test_bad_chunk_rows(tmp_path: Path, chunk_rows: Any) -> None:
     with pytest.raises(ConfigError) as info:
         CaptureWriter(tmp_path / "c.zarr", [SiteInfo("a", (4,))], chunk_rows=chunk_rows)
     check_class(info.value, ValueError)
-    assert f"chunk_rows must be a positive integer; got {chunk_rows!r}" == str(info.value)
+    assert f"chunk_rows must be an integer in [1, 16777216]; got {chunk_rows!r}" == str(info.value)
     assert not (tmp_path / "c.zarr").exists()
 
 

@@ -184,13 +184,13 @@ class ZarrBackend(StoreBackend):
                 doc["shape"][0] = rows
                 atomic_write(
                     self.path / key / "zarr.json",
-                    json.dumps(doc, indent=2).encode(),
+                    json.dumps(doc, indent=2, allow_nan=False).encode(),
                     fsync=self.fsync,
                 )
                 self._published_rows[key] = rows
         self._root_doc["attributes"][ATTR_KEY] = root
         atomic_write(
-            self.path / "zarr.json", json.dumps(self._root_doc, indent=2).encode(), fsync=self.fsync
+            self.path / "zarr.json", json.dumps(self._root_doc, indent=2, allow_nan=False).encode(), fsync=self.fsync
         )
 
     def close(self, root: dict[str, Any]) -> None:
@@ -225,7 +225,7 @@ class HDF5Backend(StoreBackend):
 
         f = h5py.File(self.path, "w-", libver=("v110", "v110"))
         self._file = f
-        f.attrs[ATTR_KEY] = json.dumps(root)
+        f.attrs[ATTR_KEY] = json.dumps(root, allow_nan=False)
         groups = {
             TOKENS_GROUP: f.create_group(TOKENS_GROUP),
             ACTIVATIONS_GROUP: f.create_group(ACTIVATIONS_GROUP),
@@ -249,7 +249,7 @@ class HDF5Backend(StoreBackend):
                 fillvalue=0,
                 **filters,
             )
-            ds.attrs[ATTR_KEY] = json.dumps(decl.document)
+            ds.attrs[ATTR_KEY] = json.dumps(decl.document, allow_nan=False)
             self._datasets[decl.key] = ds
             self._extent[decl.key] = 0
         f.create_dataset(COMMIT_DATASET, data=np.zeros(4, dtype="<i8"))
@@ -322,7 +322,7 @@ class HDF5Backend(StoreBackend):
         for attempt in range(_FINAL_ATTEMPTS):
             try:
                 with h5py.File(self.path, "r+", libver=("v110", "v110")) as f:
-                    f.attrs[ATTR_KEY] = json.dumps(root)
+                    f.attrs[ATTR_KEY] = json.dumps(root, allow_nan=False)
                 return
             except BlockingIOError as exc:
                 if attempt + 1 == _FINAL_ATTEMPTS:

@@ -40,6 +40,7 @@ from llminstr.errors import (
 from llminstr.format import (
     ACTIVATIONS_GROUP,
     MAX_CHUNK_BYTES,
+    MAX_CHUNK_ROWS,
     TOKEN_COLUMNS,
     TOKENS_GROUP,
     CodecConfig,
@@ -253,8 +254,14 @@ class CaptureWriter:
         row_bytes = [s.row_bytes for s in sites] + [8] * len(token_cols)
         if chunk_rows is None:
             chunk_rows = auto_chunk_rows(row_bytes, budget.limit)
-        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
-            raise ConfigError(f"chunk_rows must be a positive integer; got {chunk_rows!r}")
+        if (
+            isinstance(chunk_rows, bool)
+            or not isinstance(chunk_rows, int)
+            or not 1 <= chunk_rows <= MAX_CHUNK_ROWS
+        ):
+            raise ConfigError(
+                f"chunk_rows must be an integer in [1, {MAX_CHUNK_ROWS}]; got {chunk_rows!r}"
+            )
         self.chunk_rows = chunk_rows
         widest = max(row_bytes) * chunk_rows
         if widest > MAX_CHUNK_BYTES:
