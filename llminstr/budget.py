@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 from llminstr.errors import ConfigError, WriterFailedError
 
@@ -27,6 +28,8 @@ class MemoryBudget:
         self._stall_events = 0
         self._cond = threading.Condition()
         self._poison: BaseException | None = None
+        self._waiters = 0
+        self._reclaimers: list[Callable[[int], int]] = []
 
     @property
     def used(self) -> int:
@@ -44,6 +47,25 @@ class MemoryBudget:
     def stall_events(self) -> int:
         return self._stall_events
 
+    @property
+    def has_waiters(self) -> bool:
+        """Whether a producer is blocked waiting for bytes right now."""
+        return self._waiters > 0
+
+    def add_reclaimer(self, reclaim: Callable[[int], int]) -> None:
+        """Register ``reclaim(n)``: asked to give back (via :meth:`release`) up to ``n``
+        bytes it holds but does not need (e.g. pooled buffers) before anyone waits."""
+        self._reclaimers.append(reclaim)
+
+    def reclaim(self, nbytes: int) -> int:
+        """Ask the reclaimers for ``nbytes``; returns how many they gave back."""
+        freed = 0
+        for reclaim in list(self._reclaimers):
+            if freed >= nbytes:
+                break
+            freed += reclaim(nbytes - freed)
+        return freed
+
     def acquire(self, nbytes: int) -> None:
         """Reserve ``nbytes``, blocking until they are free."""
         if nbytes <= 0:
@@ -57,18 +79,30 @@ class MemoryBudget:
             if self._poison is None and self._used + nbytes <= self.limit:
                 self._take(nbytes)
                 return
-            start = time.perf_counter()
+            self._waiters += 1
             self._stall_events += 1
-            try:
-                while self._poison is None and self._used + nbytes > self.limit:
-                    self._cond.wait(timeout=1.0)
-            finally:
+        start = time.perf_counter()
+        try:
+            while True:
+                self.reclaim(nbytes)  # outside the lock: reclaimers call release()
+                with self._cond:
+                    if self._poison is None and self._used + nbytes <= self.limit:
+                        self._take(nbytes)
+                        return
+                    if self._poison is None:
+                        self._cond.wait(timeout=0.2)
+                    if self._poison is not None:
+                        raise WriterFailedError(
+                            "the capture pipeline failed while waiting for buffer memory: "
+                            f"{self._poison!r}"
+                        ) from self._poison
+                    if self._used + nbytes <= self.limit:
+                        self._take(nbytes)
+                        return
+        finally:
+            with self._cond:
+                self._waiters -= 1
                 self._stall += time.perf_counter() - start
-            if self._poison is not None:
-                raise WriterFailedError(
-                    f"the capture pipeline failed while waiting for buffer memory: {self._poison!r}"
-                ) from self._poison
-            self._take(nbytes)
 
     def _take(self, nbytes: int) -> None:
         self._used += nbytes

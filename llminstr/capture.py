@@ -479,7 +479,11 @@ class _CudaStager(_Stager):
                     budget.acquire(size)
                     self._pool_bytes += size
                     return torch.empty(size, dtype=torch.uint8, pin_memory=True)
-                # Budget spent: give back idle slabs of other sizes, else wait for one.
+                # Budget spent: ask the writer for pooled buffers, give back idle slabs of
+                # other sizes, else wait for one.
+                budget.reclaim(size)
+                if budget.used + size <= budget.limit:
+                    continue
                 for other, slabs in self._free.items():
                     while slabs:
                         slabs.pop()
