@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.llminstr-installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test bench clean
 
 setup: $(STAMP)
 
@@ -20,13 +20,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/llminstr demo --out out/demo
 
-# pytest exits 5 when it collects no test: that is not a failure of the suite.
+# Lint and types first (fast), then the suite. pytest exits 5 when it collects no test:
+# that is not a failure of the suite.
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
-
-lint: $(STAMP)
 	$(VENV)/bin/ruff check llminstr tests benchmarks readers tools
 	$(VENV)/bin/mypy
+	$(PY) -m pytest -q -p no:cacheprovider; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_writer.py

@@ -169,7 +169,7 @@ class CaptureSession:
         self._rows = 0
         self._raw_bytes = 0
         self._started = time.perf_counter()
-        self._stager: _Stager | None = None
+        self._stager: _CudaStager | None = None
         self._progress = _Progress(progress, self.budget)
         self._extra_columns = ["is_padding"] if config.padding == "keep" else []
         self.failed: BaseException | None = None
@@ -394,14 +394,16 @@ class CaptureSession:
 def _take(output: Any, spec: SiteSpec) -> torch.Tensor:
     """The tensor a site captures: the output itself, or the element ``tuple_index`` of a
     tuple/list output (HF attention modules return ``(attn_output, attn_weights, ...)``)."""
-    if torch.is_tensor(output):
+    if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, (tuple, list)):
         index = spec.tuple_index or 0
-        if index < len(output) and torch.is_tensor(output[index]):
-            return output[index]
-    if hasattr(output, "last_hidden_state") and torch.is_tensor(output.last_hidden_state):
-        return output.last_hidden_state
+        item: object = output[index] if index < len(output) else None
+        if isinstance(item, torch.Tensor):
+            return item
+    hidden = getattr(output, "last_hidden_state", None)
+    if isinstance(hidden, torch.Tensor):
+        return hidden
     raise FormatError(
         f"site {spec.name!r} returned {type(output).__name__}; expected a tensor or a tuple whose "
         f"element {spec.tuple_index or 0} is a tensor"
@@ -410,10 +412,7 @@ def _take(output: Any, spec: SiteSpec) -> torch.Tensor:
 
 def _host_rows(flat: torch.Tensor, keep: np.ndarray | None) -> np.ndarray:
     """Kept rows of a CPU tensor as numpy (bf16 as raw uint16 bits; a view when possible)."""
-    if flat.dtype == torch.bfloat16:
-        arr = flat.view(torch.uint16).numpy()
-    else:
-        arr = flat.numpy()
+    arr = flat.view(torch.uint16).numpy() if flat.dtype == torch.bfloat16 else flat.numpy()
     return arr if keep is None else arr[keep]
 
 
@@ -432,6 +431,11 @@ def _past_length(kwargs: Mapping[str, Any], mask: torch.Tensor | None, seq_len: 
     if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)):
         return int(cache[0][0].shape[-2])
     return 0
+
+
+def _cuda() -> Any:
+    """``torch.cuda``, untyped (its stream and event constructors carry no annotations)."""
+    return torch.cuda
 
 
 class _Stager:
@@ -458,7 +462,7 @@ class _CudaStager(_Stager):
 
     def __init__(self, session: CaptureSession) -> None:
         self.session = session
-        self.copy_stream = torch.cuda.Stream()
+        self.copy_stream = _cuda().Stream()
         self._free: dict[int, list[torch.Tensor]] = {}
         self._pool_bytes = 0
         self._pool_cond = threading.Condition()
@@ -511,7 +515,7 @@ class _CudaStager(_Stager):
         """Copy the pass's token ids and mask to pinned memory on the copy stream; return a
         loader that waits for that copy only."""
         producer = torch.cuda.current_stream()
-        ready = torch.cuda.Event()
+        ready = _cuda().Event()
         ready.record(producer)
         staged: list[torch.Tensor | None] = []
         with torch.cuda.stream(self.copy_stream):
@@ -528,7 +532,7 @@ class _CudaStager(_Stager):
                 else:
                     host = src
                 staged.append(host)
-            done = torch.cuda.Event()
+            done = _cuda().Event()
             done.record(self.copy_stream)
 
         def load() -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -547,14 +551,14 @@ class _CudaStager(_Stager):
         nbytes = src.numel() * src.element_size()
         slab = self._slab(max(nbytes, 1))
         producer = torch.cuda.current_stream(src.device)
-        ready = torch.cuda.Event()
+        ready = _cuda().Event()
         ready.record(producer)
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(ready)
             view = slab[:nbytes].view(src.dtype).view(src.shape)
             view.copy_(src, non_blocking=True)
             src.record_stream(self.copy_stream)
-            done = torch.cuda.Event()
+            done = _cuda().Event()
             done.record(self.copy_stream)
         self._queue.put((index, plan, slab, src.dtype, tuple(src.shape), done))
 

@@ -70,7 +70,8 @@ def load_model(spec: str, device: str, dtype: str) -> tuple[Any, Any]:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    return model.to(device).eval(), tokenizer
+    loaded: Any = model
+    return loaded.to(device).eval(), tokenizer
 
 
 def _encode(tokenizer: Any, prompts: list[str]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -111,10 +112,8 @@ class InstrumentationConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.granularity, str):
-            try:
+            with contextlib.suppress(KeyError):  # an unknown name fails the check below
                 object.__setattr__(self, "granularity", HookGranularity[self.granularity.upper()])
-            except KeyError:
-                pass
         if not isinstance(self.granularity, HookGranularity):
             raise ConfigError(
                 "granularity must be a HookGranularity (ALL, ATTENTION_ONLY, FFN_ONLY); "

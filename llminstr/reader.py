@@ -87,6 +87,7 @@ class _Source:
         """Decoded chunk ``index`` (full ``chunk_rows`` rows)."""
         chunk_shape = (self.chunk_rows, *self.feature_shape)
         cname = self.cname
+        frame: bytes | None
         try:
             if self.backend == "zarr":
                 frame = _read_zarr_frame(self.path, self.key, index, len(self.feature_shape))
@@ -501,7 +502,9 @@ class Capture:
 
         bfloat16 sites come back as ``ml_dtypes.bfloat16`` (``logical=False``: raw uint16).
         """
-        import dask.array as da
+        import dask.array
+
+        da: Any = dask.array
 
         info = self.site_info(name)
         src = self._source(f"{ACTIVATIONS_GROUP}/{name}", name)
@@ -605,7 +608,9 @@ class _Tokens(Mapping[str, Any]):
         self._capture = capture
 
     def __getitem__(self, column: str) -> Any:
-        import dask.array as da
+        import dask.array
+
+        da: Any = dask.array
 
         cap = self._capture
         if column not in cap.token_columns:

@@ -27,11 +27,14 @@ def compute_with_progress(result: Mapping[str, Any], *, quiet: bool = False) -> 
     from llminstr.analysis import compute
 
     if quiet or not sys.stderr.isatty():
-        return compute(result)
-    from dask.diagnostics import ProgressBar
+        done: dict[str, Any] = compute(result)
+        return done
+    import dask.diagnostics
 
-    with ProgressBar(out=sys.stderr):
-        return compute(result)
+    progress: Any = getattr(dask.diagnostics, "ProgressBar")  # noqa: B009 (untyped export)
+    with progress(out=sys.stderr):
+        shown: dict[str, Any] = compute(result)
+    return shown
 
 
 def _jsonable(obj: Any) -> Any:
@@ -191,7 +194,7 @@ def _plots(capture_summary: Mapping[str, Any], analysis: Mapping[str, Any], out:
                 xs, ys = zip(*sorted(pts), strict=True)
                 ax.plot(xs, ys, marker=marker, label=kind)
         ax.set_xlabel("layer")
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        _integer_ticks(ax)
         ax.set_ylabel("mean L2 norm of a row")
         ax.set_title("Per-layer norm profile")
         ax.legend()
@@ -269,10 +272,16 @@ def _draw_graph(graph: Mapping[str, Any], path: Path) -> str:
         ax.text(x, y + 0.18, name.split(".")[-1] if name != "logits" else "logits", ha="center", fontsize=7)
     used = sorted({int(y) for _x, y in pos.values()})
     ax.set_yticks(used, [k for k, v in rows.items() if v in used])
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    _integer_ticks(ax)
     ax.set_xlabel("layer (logits at the right)")
     ax.set_title(f"Causal graph ({graph['method']}; strongest edges, width = weight)")
     return _save(fig, path)
+
+
+def _integer_ticks(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _save(fig: Any, path: Path) -> str:

@@ -244,10 +244,13 @@ def test_state_errors(tmp_path) -> None:
     with pytest.raises(CaptureStateError, match="instrument_model"), fw.capture_activations(tmp_path / "x.zarr"):
         pass
     fw.instrument_model(_tiny("gpt2"))
-    with fw.capture_activations(tmp_path / "a.zarr"):
-        with pytest.raises(CaptureStateError, match="already active"), fw.capture_activations(tmp_path / "b.zarr"):
-            pass
-    with pytest.raises(ConfigError, match="torch.nn.Module"):
+    with (
+        fw.capture_activations(tmp_path / "a.zarr"),
+        pytest.raises(CaptureStateError, match="already active"),
+        fw.capture_activations(tmp_path / "b.zarr"),
+    ):
+        pass
+    with pytest.raises(ConfigError, match=r"torch\.nn\.Module"):
         fw.instrument_model("not a model")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="InstrumentationConfig"):
         InstrumentationFramework({"granularity": "all"})  # type: ignore[arg-type]

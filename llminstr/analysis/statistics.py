@@ -57,6 +57,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import ml_dtypes
 import numpy as np
 
 from llminstr.analysis._common import as_capture, check_sites, resolve_rows
@@ -96,9 +97,6 @@ LAZY_KEYS: tuple[str, ...] = (
 )
 #: Token columns whose value counts are summarised (distinct sequences, rows per step...).
 COUNTED_COLUMNS: tuple[str, ...] = ("sequence", "step", "token_id")
-
-_MAX_SLAB_ROWS = 4096
-_FLUSH_SLABS = 16  # float32 / uint8 slab accumulators are reduced into totals this often
 
 
 # ---------------------------------------------------------------------- partials
@@ -145,11 +143,15 @@ class ColumnPartial:
 
 
 # ---------------------------------------------------------------------- block kernels
-_SLAB_ELEMENTS = 32768  # rows per slab: ~128 KiB of float32, measured best on 2 MiB L2
+_SLAB_ELEMENTS = 65536  # elements per slab (64 rows of 1024); measured best on 1 MiB L2
+_MAX_SLAB_ROWS = 4096
+_SUM_ROWS = 64  # rows per float32 partial sum; those partials are added in float64
+_NZ_FLUSH = 255  # slabs per flush of the uint8 near-zero counters (255 cannot overflow)
 
 
 def _slab_rows(dims: int) -> int:
-    return max(1, min(_MAX_SLAB_ROWS, _SLAB_ELEMENTS // max(1, dims)))
+    rows = max(1, min(_MAX_SLAB_ROWS, _SLAB_ELEMENTS // max(1, dims)))
+    return rows if rows <= _SUM_ROWS else rows - rows % _SUM_ROWS
 
 
 _F16_REBIAS = np.float32(2.0**112)  # 2**(127 - 15): float16 -> float32 exponent bias
@@ -161,28 +163,26 @@ class _ToFloat32:
     """Converts slabs of a stored block (float32, float16, or raw bfloat16 bits as uint16)
     to float32, into a reused buffer.
 
-    bfloat16 -> float32 is exact: the 16 bits become the top half of the float32.
-    float16 -> float32 (numpy's own cast is not vectorised, ~25x slower): sign-extend
-    the bits to int32, shift the magnitude into float32 position, keep sign and
-    magnitude, and multiply by ``2**112`` to rebias the exponent. That is exact for every
-    finite value, subnormals included; inf and NaN come out as finite magnitudes
-    ``>= 65536`` (larger than any finite float16), which the caller detects from the
-    block's extremes and then converts again with ``exact=True`` (numpy's cast).
+    bfloat16 -> float32 is exact (the 16 bits become the top half of the float32); it is
+    ``ml_dtypes``' vectorised cast. float16 -> float32 (numpy's own cast is not
+    vectorised, ~25x slower): sign-extend the bits to int32, shift the magnitude into
+    float32 position, keep sign and magnitude, and multiply by ``2**112`` to rebias the
+    exponent. That is exact for every finite value, subnormals included; inf and NaN come
+    out as finite magnitudes ``>= 65536`` (larger than any finite float16), which the
+    caller detects from the block's extremes and then converts again with ``exact=True``
+    (numpy's cast).
     """
 
     def __init__(self, dtype: np.dtype[Any], rows: int, dims: int, exact: bool = False) -> None:
-        self.buf = np.empty((rows, dims), np.float32)
+        self.buf = np.empty((rows, dims), np.float32) if dtype != np.float32 else None
         self.exact = exact
 
     def __call__(self, raw: np.ndarray) -> np.ndarray:
-        k = raw.shape[0]
-        if raw.dtype == np.float32:
+        if self.buf is None:
             return raw
-        out = self.buf[:k]
+        out = self.buf[: raw.shape[0]]
         if raw.dtype == np.uint16:
-            wide = out.view(np.uint32)
-            np.copyto(wide, raw)
-            np.left_shift(wide, 16, out=wide)
+            np.copyto(out, raw.view(ml_dtypes.bfloat16))
         elif self.exact:
             np.copyto(out, raw)
         else:
@@ -219,25 +219,54 @@ class _Scan:
     norm2: np.ndarray  # float64[n]: squared row norms
 
 
+class _ColumnSums:
+    """Adds the column sums of ``(2, k, D)`` slabs into float64 totals: float32 partial
+    sums over groups of at most ``_SUM_ROWS`` rows (``add.reduce``, no BLAS, which would
+    start threads of its own under the scheduler's), then float64 across groups."""
+
+    def __init__(self, step: int, dims: int, work: type[np.floating[Any]]) -> None:
+        self.dims = dims
+        self.part = np.empty((2, max(1, step // _SUM_ROWS), dims), work)
+        self.wide = np.empty((2, dims), np.float64)
+
+    def add(self, p: np.ndarray, totals: np.ndarray) -> None:
+        k = p.shape[1]
+        full = k - k % _SUM_ROWS if k > _SUM_ROWS else 0
+        if full:
+            m = full // _SUM_ROWS
+            part = self.part[:, :m]
+            grouped = p[:, :full].reshape(2, m, _SUM_ROWS, self.dims)
+            np.add.reduce(grouped, axis=2, out=part)
+            np.add(totals, np.add.reduce(part, axis=1, dtype=np.float64, out=self.wide), out=totals)
+        if full < k:
+            tail = self.part[:, 0]
+            np.add.reduce(p[:, full:], axis=1, out=tail)
+            np.add(totals, tail, out=totals)
+
+
 def _scan(raw: np.ndarray, eps: float, work: type[np.floating[Any]], exact: bool = False) -> _Scan:
     """One sweep over a stored block ``(n, D)``: power sums about a block-local shift,
     extremes, near-zero counts and squared row norms.
 
-    Rows are handled in slabs of ``step`` rows that stay in cache. Each slab is converted
-    to float32 and its terms are added *elementwise* into ``(step, D)`` accumulators (no
-    per-slab reduction, which costs more than an add); every ``_FLUSH_SLABS`` slabs the
-    accumulators are reduced into float64 totals, so float32 rounding spans at most
-    ``_FLUSH_SLABS`` terms per accumulator element.
+    Rows are handled in slabs of ``step`` rows (about ``_SLAB_ELEMENTS`` values) with
+    about a dozen numpy calls per slab, each one pass over the slab into preallocated
+    scratch (no temporaries): the slab is converted to float32; ``minimum``/``maximum``
+    and ``|x| < eps`` (as ``uint8``) go elementwise into ``(step, D)`` accumulators that
+    are reduced at the end (the counts every ``_NZ_FLUSH`` slabs, before ``uint8`` can
+    wrap); squared row norms are one ``vecdot``; ``d = x - shift, d**2`` and then
+    ``d**3, d**4`` are written into one ``(2, step, D)`` buffer whose column sums go into
+    float64 totals (:class:`_ColumnSums`: float32 rounding spans at most ``_SUM_ROWS``
+    terms per sum).
     """
     n, dims = raw.shape
     step = min(n, _slab_rows(dims))
     conv = _ToFloat32(raw.dtype, step, dims, exact)
+    wide = work is not np.float32
+    xw = np.empty((step, dims), work) if wide else None
+    pair = np.empty((2, step, dims), work)  # (d, d**2), then (d**3, d**4)
+    colsums = _ColumnSums(step, dims, work)
     totals = np.zeros((4, dims), np.float64)
-    acc = np.zeros((4, step, dims), work)
-    d = np.empty((step, dims), work)
-    q = np.empty((step, dims), work)
-    r = np.empty((step, dims), work)
-    a32 = np.empty((step, dims), np.float32)
+    absx = np.empty((step, dims), np.float32) if wide else pair[0]  # |x| before d
     mask = np.empty((step, dims), np.bool_)
     nz_acc = np.zeros((step, dims), np.uint8)
     near_zero = np.zeros(dims, np.int64)
@@ -247,13 +276,6 @@ def _scan(raw: np.ndarray, eps: float, work: type[np.floating[Any]], exact: bool
     thresh = np.float32(eps)
     shift = np.zeros(dims, work)
     pending = 0
-
-    def flush() -> None:
-        np.add(totals, np.add.reduce(acc, axis=1, dtype=np.float64), out=totals)
-        acc.fill(0)
-        np.add(near_zero, np.add.reduce(nz_acc, axis=0, dtype=np.int64), out=near_zero)
-        nz_acc.fill(0)
-
     for lo in range(0, n, step):
         hi = min(n, lo + step)
         k = hi - lo
@@ -266,24 +288,29 @@ def _scan(raw: np.ndarray, eps: float, work: type[np.floating[Any]], exact: bool
             hi_acc[:] = x32[0]
         np.minimum(lo_acc[:k], x32, out=lo_acc[:k])
         np.maximum(hi_acc[:k], x32, out=hi_acc[:k])
-        np.less(np.abs(x32, out=a32[:k]), thresh, out=mask[:k])
-        np.add(nz_acc[:k], mask[:k], out=nz_acc[:k])
-        xs = x32 if work is np.float32 else x32.astype(work)
+        m, acc = mask[:k], nz_acc[:k]
+        np.less(np.absolute(x32, out=absx[:k]), thresh, out=m)
+        np.add(acc, m.view(np.uint8), out=acc)
+        if xw is not None:
+            xs = xw[:k]
+            np.copyto(xs, x32)
+        else:
+            xs = x32
         np.vecdot(xs, xs, out=norm2[lo:hi])
-        dd, qq, rr = d[:k], q[:k], r[:k]
-        np.subtract(xs, shift, out=dd)
-        np.add(acc[0, :k], dd, out=acc[0, :k])
-        np.multiply(dd, dd, out=qq)
-        np.add(acc[1, :k], qq, out=acc[1, :k])
-        np.multiply(qq, dd, out=rr)
-        np.add(acc[2, :k], rr, out=acc[2, :k])
-        np.multiply(qq, qq, out=rr)
-        np.add(acc[3, :k], rr, out=acc[3, :k])
+        p = pair[:, :k]
+        d, q = p
+        np.subtract(xs, shift, out=d)
+        np.multiply(d, d, out=q)
+        colsums.add(p, totals[:2])
+        np.multiply(q, d, out=d)
+        np.multiply(q, q, out=q)
+        colsums.add(p, totals[2:])
         pending += 1
-        if pending == _FLUSH_SLABS:
-            flush()
+        if pending == _NZ_FLUSH:
+            np.add(near_zero, np.add.reduce(nz_acc, axis=0, dtype=np.int64), out=near_zero)
+            nz_acc.fill(0)
             pending = 0
-    flush()
+    np.add(near_zero, np.add.reduce(nz_acc, axis=0, dtype=np.int64), out=near_zero)
     return _Scan(
         shift.astype(np.float64),
         totals,

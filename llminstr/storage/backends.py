@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -125,7 +125,7 @@ class ZarrBackend(StoreBackend):
             if codec.cname is not None:
                 compressors.append(
                     BloscCodec(
-                        cname=codec.cname,
+                        cname=cast(Any, codec.cname),
                         clevel=int(codec.clevel or 1),
                         shuffle="shuffle",
                         typesize=np.dtype(decl.storage_dtype).itemsize,
@@ -153,10 +153,11 @@ class ZarrBackend(StoreBackend):
     def write_chunk(
         self, array: ArrayDecl, index: int, parts: Sequence[bytes | memoryview], extent: int
     ) -> None:
-        *dirs, leaf = ["c", str(index), *("0" for _ in array.feature_shape)]
+        key_parts: list[str] = ["c", str(index)] + ["0"] * len(array.feature_shape)
+        dirs, leaf = key_parts[:-1], key_parts[-1]
         folder = self.path / array.key
-        for d in dirs:
-            folder = folder / d
+        for part in dirs:
+            folder = folder / part
         if folder not in self._made_dirs:
             folder.mkdir(parents=True, exist_ok=True)
             with self._dir_lock:
@@ -234,7 +235,7 @@ class HDF5Backend(StoreBackend):
         if codec.cname is not None:
             filters = dict(
                 hdf5plugin.Blosc(
-                    cname=codec.cname,
+                    cname=cast(Any, codec.cname),
                     clevel=int(codec.clevel or 1),
                     shuffle=hdf5plugin.Blosc.SHUFFLE,
                 )

@@ -7,6 +7,7 @@ encoded as the Zarr v3 codec chain ``bytes(little) -> [blosc] -> [crc32c]`` woul
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numcodecs
 import numcodecs.blosc
@@ -52,7 +53,8 @@ class ChunkCodec:
         if self._blosc is not None:
             body = self._blosc.encode(chunk)
         else:
-            body = memoryview(np.ascontiguousarray(chunk).view(np.uint8).reshape(-1))
+            raw: Any = np.ascontiguousarray(chunk).view(np.uint8).reshape(-1)
+            body = memoryview(raw)
         if self.config.checksum:
             return [body, crc32c(body).to_bytes(CRC_BYTES, "little")]
         return [body]

@@ -13,6 +13,7 @@ number of rows that every array holds on disk.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -339,8 +340,9 @@ class CaptureWriter:
             )
             self._backend.create(self._root, arrays, self.codec_config)
         except BaseException:
-            if isinstance(getattr(self, "_backend", None), HDF5Backend):
-                self._backend.abandon()  # type: ignore[attr-defined]
+            backend = getattr(self, "_backend", None)
+            if isinstance(backend, HDF5Backend):
+                backend.abandon()
             self._lock.release()
             raise
 
@@ -735,10 +737,9 @@ class CaptureWriter:
         if exc is None:
             self.close("complete")
         else:
-            try:
+            # The exception from the block is the one the caller needs; it propagates.
+            with contextlib.suppress(WriterFailedError):
                 self.close("aborted", f"{type(exc).__name__}: {exc}")
-            except WriterFailedError:
-                pass  # the exception from the block is the one the caller needs; it propagates
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> WriterStats:
