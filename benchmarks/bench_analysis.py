@@ -10,6 +10,12 @@ lz4, warm page cache) is measured, interleaved ``--repeat`` times (best of each 
   the same chunks);
 * kernel: the block statistics kernel alone on one decoded chunk, one thread.
 
+``--baseline FILE`` (another version of ``llminstr/analysis/statistics.py``, e.g.
+``git show HEAD:llminstr/analysis/statistics.py > /tmp/old_statistics.py``) also runs
+the stats pass and the kernel with that file's block kernel, merge and finish
+functions, interleaved with the others, so old and new are compared in the same
+machine state (``base_*`` columns).
+
 Throughputs are GB/s of raw (stored, uncompressed) activation bytes. ``ratio`` =
 stats / ceiling (target >= 0.8). Peak RSS: the stats pass runs again in a fresh
 subprocess; ``extra RSS`` is its peak (``VmHWM`` restarted after the graph is built)
@@ -22,6 +28,8 @@ Run: ``python benchmarks/bench_analysis.py [--quick] [--json out.json]``
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -30,14 +38,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
+import llminstr.analysis.statistics as stats_module
 from llminstr.analysis import analyze_activations, compute
-from llminstr.analysis.statistics import DEFAULT_RELATIVE_ACCURACY, site_block_partial
+from llminstr.analysis.statistics import DEFAULT_RELATIVE_ACCURACY
 from llminstr.format import SiteInfo
 from llminstr.reader import open_capture
 from llminstr.storage.writer import CaptureWriter
@@ -122,17 +133,49 @@ def stats_seconds(path: Path, threads: int) -> float:
     return time.perf_counter() - t
 
 
-def kernel_gbps(path: Path) -> float:
+_SWAPPED = ("site_block_partial", "merge_site_partials", "finish_site")
+
+
+def load_baseline(path: str) -> ModuleType:
+    """Import another version of ``llminstr/analysis/statistics.py`` as its own module."""
+    spec = importlib.util.spec_from_file_location("_baseline_statistics", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def kernels(module: ModuleType | None) -> Iterator[None]:
+    """Within the block, graphs built by the statistics module use ``module``'s block
+    kernel, merge and finish functions (``None``: the installed ones)."""
+    if module is None:
+        yield
+        return
+    saved = {name: getattr(stats_module, name) for name in _SWAPPED}
+    try:
+        for name in _SWAPPED:
+            setattr(stats_module, name, getattr(module, name))
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(stats_module, name, fn)
+
+
+def kernel_gbps(path: Path, module: ModuleType | None = None) -> float:
+    kernel = (module or stats_module).site_block_partial
     cap = open_capture(path)
     src = cap._source(f"activations/{cap.sites[0]}", cap.sites[0])
     chunk = src.read_chunk(0)
     lg = math.log((1 + DEFAULT_RELATIVE_ACCURACY) / (1 - DEFAULT_RELATIVE_ACCURACY))
-    site_block_partial(chunk, 1e-6, lg)
+    kernel(chunk, 1e-6, lg)
     best = math.inf
     for _ in range(5):
         t = time.perf_counter()
         for _ in range(3):
-            site_block_partial(chunk, 1e-6, lg)
+            kernel(chunk, 1e-6, lg)
         best = min(best, (time.perf_counter() - t) / 3)
     return chunk.nbytes / best / 1e9
 
@@ -150,17 +193,21 @@ def peak_rss(path: Path, threads: int) -> dict[str, int]:
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows_out = []
+    base = load_baseline(args.baseline) if args.baseline else None
     tmp = Path(tempfile.mkdtemp(prefix="bench_analysis_"))
     try:
         for dtype in args.dtypes.split(","):
             path = tmp / f"{dtype}.zarr"
             raw = write_capture(path, args.sites, args.dims, args.rows, args.chunk_rows, dtype)
             warm(path)
-            ceil_t, stat_t = math.inf, math.inf
-            stats_seconds(path, args.threads)  # warm-up (imports, torch for float16)
-            for _ in range(args.repeat):  # interleaved: drift hits both alike
+            ceil_t, stat_t, base_t = math.inf, math.inf, math.inf
+            stats_seconds(path, args.threads)  # warm-up (imports)
+            for _ in range(args.repeat):  # interleaved: drift hits all alike
                 ceil_t = min(ceil_t, ceiling_seconds(path, args.threads))
                 stat_t = min(stat_t, stats_seconds(path, args.threads))
+                if base is not None:
+                    with kernels(base):
+                        base_t = min(base_t, stats_seconds(path, args.threads))
             rss = peak_rss(path, args.threads)
             extra = rss["peak"] - rss["baseline"]
             chunk_bytes = args.chunk_rows * args.dims * (4 if dtype == "float32" else 2)
@@ -182,6 +229,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "stats_gbps": raw / stat_t / 1e9,
                     "ratio": ceil_t / stat_t,
                     "kernel_gbps_1thread": kernel_gbps(path),
+                    "base_stats_gbps": raw / base_t / 1e9 if base else math.nan,
+                    "base_ratio": ceil_t / base_t if base else math.nan,
+                    "base_kernel_gbps": kernel_gbps(path, base) if base else math.nan,
                     "extra_rss_mb": extra / 2**20,
                     "budget_mb": budget_mb,
                     "rss_within_budget": extra <= budget_mb * 2**20,
@@ -212,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         "reader's row copy, slack) + 32 MiB",
     )
     ap.add_argument("--quick", action="store_true", help="a quarter of the rows, 2 repeats")
+    ap.add_argument(
+        "--baseline",
+        metavar="FILE",
+        help="another statistics.py whose kernel is timed alongside (base_* columns)",
+    )
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-': stdout)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -230,6 +285,12 @@ def main(argv: list[str] | None = None) -> int:
         ("extra_rss_mb", "{:>12.1f}"),
         ("budget_mb", "{:>9.0f}"),
     ]
+    if args.baseline:
+        cols[7:7] = [
+            ("base_stats_gbps", "{:>15.2f}"),
+            ("base_ratio", "{:>10.2f}"),
+        ]
+        cols.insert(10, ("base_kernel_gbps", "{:>16.2f}"))
     print("  ".join(f"{name:>{len(fmt.format(results[0][name]))}}" for name, fmt in cols))
     for row in results:
         print("  ".join(fmt.format(row[name]) for name, fmt in cols))

@@ -381,3 +381,85 @@ def test_float16_extremes_subnormals_and_nonfinite(tmp_path: Path) -> None:
     np.testing.assert_allclose(out["mean"][:2], ref["mean"], rtol=1e-6, atol=1e-12)
     np.testing.assert_allclose(out["kurtosis"][:2], ref["kurtosis"], rtol=1e-4, atol=1e-4)
     assert out["row_norm"]["nonfinite_count"] == 2
+
+
+@pytest.mark.parametrize(
+    ("n", "d", "flush"),
+    [
+        (1, 24, 255),
+        (100, 3000, 255),  # slabs of a few rows (one float32 group each) and a short tail
+        (100, 3000, 2),  # ... with the float32 accumulators flushed between slabs
+        (1000, 8, 255),  # a small block: float32 terms summed in float64
+        (5000, 16, 255),  # two slabs: float32 groups of _SUM_ROWS rows plus a tail group
+        (10000, 8, 1),  # several grouped slabs, a tail slab, a flush after every slab
+    ],
+)
+def test_block_kernel_slab_layouts(
+    monkeypatch: pytest.MonkeyPatch, n: int, d: int, flush: int
+) -> None:
+    """Every way the kernel cuts a block into slabs and float32 groups gives the direct
+    float64 statistics (float32, float16 and bfloat16 storage)."""
+    from llminstr.analysis import statistics as stats_mod
+
+    monkeypatch.setattr(stats_mod, "_FLUSH_SLABS", flush)
+    monkeypatch.setattr(stats_mod, "_MEAN_SLABS", flush)
+    x = make_data(n, d, seed=n + d)
+    x[:, 7 % d] = 1e4 + x[:, 7 % d]  # another large-mean dim (|mean| / std ~ 5000)
+    lg = float(np.log((1 + ACC) / (1 - ACC)))
+    for stored in (x, x.astype(np.float16), x.astype(ml_dtypes.bfloat16).view(np.uint16)):
+        x32 = (
+            stored.view(ml_dtypes.bfloat16).astype(np.float32)
+            if stored.dtype == np.uint16
+            else stored.astype(np.float32)
+        )
+        fin = finish_site(site_block_partial(stored, EPS, lg), (d,), 6.0, lg, NORM_QUANTILES)
+        ref = reference(x32)
+        np.testing.assert_array_equal(fin["min"], ref["min"])
+        np.testing.assert_array_equal(fin["max"], ref["max"])
+        np.testing.assert_array_equal(fin["near_zero_fraction"], ref["near_zero_count"] / n)
+        np.testing.assert_array_equal(fin["nonfinite_count"], 0)
+        np.testing.assert_allclose(fin["mean"], ref["mean"], rtol=1e-6, atol=1e-6)
+        rms = np.sqrt((x32.astype(np.float64) ** 2).mean(0))
+        np.testing.assert_allclose(fin["rms"], rms, rtol=1e-6)
+        if n > 1:
+            np.testing.assert_allclose(fin["std"], ref["std"], rtol=1e-5, atol=1e-9)
+            np.testing.assert_allclose(fin["skewness"], ref["skewness"], rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(fin["kurtosis"], ref["kurtosis"], rtol=1e-4, atol=1e-4)
+        rn = fin["row_norm"]
+        assert rn["count"] == n
+        assert rn["mean"] == pytest.approx(ref["norms"].mean(), rel=1e-6)
+        assert rn["max"] == pytest.approx(ref["norms"].max(), rel=1e-6)
+
+
+def test_bfloat16_extremes_and_nonfinite() -> None:
+    """bfloat16 blocks: the largest finite values (whose float32 x**4 overflows) and
+    subnormals are exact; inf/NaN are counted and the rest of the block is unaffected."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((300, 5)).astype(np.float32)
+    x[:, 0] = 3.0e38 * np.sign(rng.standard_normal(300))  # near the bfloat16 maximum
+    x[:, 1] = rng.integers(-100, 100, 300) * 2.0**-133  # bfloat16 subnormals
+    bits = x.astype(ml_dtypes.bfloat16).view(np.uint16)
+    lg = float(np.log((1 + ACC) / (1 - ACC)))
+    x32 = bits.view(ml_dtypes.bfloat16).astype(np.float32)
+    fin = finish_site(site_block_partial(bits, 1e-40, lg), (5,), 6.0, lg, NORM_QUANTILES)
+    x64 = x32.astype(np.float64)
+    np.testing.assert_array_equal(fin["min"], x64.min(0))
+    np.testing.assert_array_equal(fin["max"], x64.max(0))
+    np.testing.assert_array_equal(
+        fin["near_zero_fraction"], (np.abs(x32) < np.float32(1e-40)).mean(0)
+    )
+    np.testing.assert_allclose(fin["mean"], x64.mean(0), rtol=1e-6, atol=1e-45)
+    np.testing.assert_allclose(fin["std"], x64.std(0), rtol=1e-5)
+    norms = np.sqrt((x64**2).sum(1))  # beyond float32: the block was redone in float64
+    assert fin["row_norm"]["count"] == 300
+    assert fin["row_norm"]["max"] == pytest.approx(norms.max(), rel=1e-6)
+
+    y = bits.copy()
+    y[3, 2] = np.float32(np.inf).astype(ml_dtypes.bfloat16).view(np.uint16)
+    y[250, 4] = np.float32(np.nan).astype(ml_dtypes.bfloat16).view(np.uint16)
+    fin = finish_site(site_block_partial(y, EPS, lg), (5,), 6.0, lg, NORM_QUANTILES)
+    np.testing.assert_array_equal(fin["nonfinite_count"], [0, 0, 1, 0, 1])
+    assert fin["max"][2] == np.inf and np.isnan(fin["mean"][4])
+    np.testing.assert_allclose(fin["mean"][3], x64[:, 3].mean(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(fin["kurtosis"][3], reference(x32[:, 3:4])["kurtosis"], rtol=1e-4)
+    assert fin["row_norm"]["nonfinite_count"] == 2

@@ -13,9 +13,11 @@ pass (the trap ``DESIGN.md`` warns about).
 How each statistic stays one-pass
 ---------------------------------
 * **Moments** (mean, std, skewness, kurtosis). A block computes its power sums about a
-  *block-local shift* ``c`` (the mean of its first rows): ``P_k = sum((x - c)**k)``,
-  ``k = 1..4``, with the elementwise work in float32 on cache-sized slabs and the sums
-  accumulated in float64. They are converted exactly to moments about the block mean and
+  *block-local shift* ``c`` (the mean of its first rows, rounded to 16 significant bits
+  so that ``x - c`` is exact for most ``x``): ``P_k = sum((x - c)**k)``, ``k = 1..4``,
+  with the elementwise work in float32 on cache-sized slabs, float32 partial sums over
+  at most 64 rows (16 slabs for ``P_1``) and float64 beyond (small blocks: float64
+  throughout the sums). They are converted exactly to moments about the block mean and
   merged with the pairwise formulas of Chan et al. / Pébay (2008). This is the
   raw-power-sum method with a per-block origin: no task depends on the global mean, and
   it avoids the catastrophic cancellation of plain ``sum(x**4) - 4*mean*sum(x**3) + ...``
@@ -53,6 +55,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -143,20 +146,38 @@ class ColumnPartial:
 
 
 # ---------------------------------------------------------------------- block kernels
-_SLAB_ELEMENTS = 65536  # elements per slab (64 rows of 1024); measured best on 1 MiB L2
+_SLAB_ELEMENTS = 65536  # values per slab (64 rows of 1024): measured best on 1 MiB of L2
 _MAX_SLAB_ROWS = 4096
-_SUM_ROWS = 64  # rows per float32 partial sum; those partials are added in float64
-_NZ_FLUSH = 255  # slabs per flush of the uint8 near-zero counters (255 cannot overflow)
+_POWER_GROUP = 64  # rows per float32 partial of the sums of d**2, d**3, d**4
+_MEAN_SLABS = 16  # slabs whose d are added elementwise in float32 before a float64 sum
+_EXACT_SUM_ELEMENTS = 16384  # blocks up to this size add their float32 terms in float64
+_SHIFT_BITS = 16  # significant bits of the block-local shift (see _round_shift)
+_FLUSH_SLABS = 255  # slabs per flush of the uint8 near-zero counters (cannot overflow)
 
 
 def _slab_rows(dims: int) -> int:
-    rows = max(1, min(_MAX_SLAB_ROWS, _SLAB_ELEMENTS // max(1, dims)))
-    return rows if rows <= _SUM_ROWS else rows - rows % _SUM_ROWS
+    return max(1, min(_MAX_SLAB_ROWS, _SLAB_ELEMENTS // max(1, dims)))
 
 
 _F16_REBIAS = np.float32(2.0**112)  # 2**(127 - 15): float16 -> float32 exponent bias
 _F16_KEEP = np.int32(-0x70002000)  # 0x8FFFE000: sign bit + the 15 shifted magnitude bits
 _F16_LIMIT = 65536.0  # the fast float16 path maps inf/NaN to magnitudes >= this
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A scratch array kept per thread between block tasks (contents undefined): the
+    kernel's few MiB of buffers are then not mapped and page-faulted anew for every
+    block. One array per ``name``, replaced when the shape or dtype changes."""
+    cache: dict[str, np.ndarray] | None = getattr(_SCRATCH, "arrays", None)
+    if cache is None:
+        cache = _SCRATCH.arrays = {}
+    arr = cache.get(name)
+    if arr is None or arr.shape != shape or arr.dtype != dtype:
+        arr = cache[name] = np.empty(shape, dtype)
+    return arr
 
 
 class _ToFloat32:
@@ -174,7 +195,7 @@ class _ToFloat32:
     """
 
     def __init__(self, dtype: np.dtype[Any], rows: int, dims: int, exact: bool = False) -> None:
-        self.buf = np.empty((rows, dims), np.float32) if dtype != np.float32 else None
+        self.buf = _scratch("x32", (rows, dims), np.float32) if dtype != np.float32 else None
         self.exact = exact
 
     def __call__(self, raw: np.ndarray) -> np.ndarray:
@@ -220,74 +241,101 @@ class _Scan:
 
 
 class _ColumnSums:
-    """Adds the column sums of ``(2, k, D)`` slabs into float64 totals: float32 partial
-    sums over groups of at most ``_SUM_ROWS`` rows (``add.reduce``, no BLAS, which would
-    start threads of its own under the scheduler's), then float64 across groups."""
+    """Adds the column sums of slabs ``(j, k, D)`` into float64 totals ``(j, D)``:
+    float32 partial sums over groups of ``group`` rows (``add.reduce``), then float64
+    across groups, so float32 rounding spans ``group`` terms. ``group=1`` sums the float32
+    terms in float64 directly (slower: numpy's float32 -> float64 cast is not
+    vectorised). No BLAS: OpenBLAS would start threads of its own under the
+    scheduler's."""
 
-    def __init__(self, step: int, dims: int, work: type[np.floating[Any]]) -> None:
-        self.dims = dims
-        self.part = np.empty((2, max(1, step // _SUM_ROWS), dims), work)
-        self.wide = np.empty((2, dims), np.float64)
+    def __init__(self, j: int, step: int, dims: int, work: type[np.floating[Any]], group: int):
+        self.group = group
+        self.part = _scratch(f"part{j}", (j, max(1, step // group), dims), work)
+        self.wide = np.empty((j, dims), np.float64)
 
     def add(self, p: np.ndarray, totals: np.ndarray) -> None:
-        k = p.shape[1]
-        full = k - k % _SUM_ROWS if k > _SUM_ROWS else 0
-        if full:
-            m = full // _SUM_ROWS
+        j, k, dims = p.shape
+        g = self.group
+        m = k // g
+        if g == 1:
+            np.add(totals, np.add.reduce(p, axis=1, dtype=np.float64, out=self.wide), out=totals)
+            return
+        if m > 1:
             part = self.part[:, :m]
-            grouped = p[:, :full].reshape(2, m, _SUM_ROWS, self.dims)
-            np.add.reduce(grouped, axis=2, out=part)
+            np.add.reduce(p[:, : m * g].reshape(j, m, g, dims), axis=2, out=part)
             np.add(totals, np.add.reduce(part, axis=1, dtype=np.float64, out=self.wide), out=totals)
-        if full < k:
-            tail = self.part[:, 0]
-            np.add.reduce(p[:, full:], axis=1, out=tail)
-            np.add(totals, tail, out=totals)
+        elif m == 1:
+            np.add(totals, np.add.reduce(p[:, :g], axis=1, out=self.part[:, 0]), out=totals)
+        if m * g < k:
+            np.add(totals, np.add.reduce(p[:, m * g :], axis=1, out=self.part[:, 0]), out=totals)
+
+
+def _round_shift(c: np.ndarray) -> np.ndarray:
+    """``c`` rounded to ``_SHIFT_BITS`` significant bits. Then ``x - c`` is exact in
+    float32 for every float32 ``x`` from about ``|c| / 2`` to ``2**8 * |c|`` (and for all
+    bfloat16 / float16 values in a wider range), instead of only within a factor 2 of
+    ``c``: values stored in half precision share their low bits, so the rounding errors
+    of ``x - c`` would all have the same sign and add up in the mean."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        m, e = np.frexp(c)
+        r = np.ldexp(np.round(m * 2.0**_SHIFT_BITS) / 2.0**_SHIFT_BITS, e)
+    return np.where(np.isfinite(r), r, c)
 
 
 def _scan(raw: np.ndarray, eps: float, work: type[np.floating[Any]], exact: bool = False) -> _Scan:
     """One sweep over a stored block ``(n, D)``: power sums about a block-local shift,
     extremes, near-zero counts and squared row norms.
 
-    Rows are handled in slabs of ``step`` rows (about ``_SLAB_ELEMENTS`` values) with
-    about a dozen numpy calls per slab, each one pass over the slab into preallocated
-    scratch (no temporaries): the slab is converted to float32; ``minimum``/``maximum``
-    and ``|x| < eps`` (as ``uint8``) go elementwise into ``(step, D)`` accumulators that
-    are reduced at the end (the counts every ``_NZ_FLUSH`` slabs, before ``uint8`` can
-    wrap); squared row norms are one ``vecdot``; ``d = x - shift, d**2`` and then
-    ``d**3, d**4`` are written into one ``(2, step, D)`` buffer whose column sums go into
-    float64 totals (:class:`_ColumnSums`: float32 rounding spans at most ``_SUM_ROWS``
-    terms per sum).
+    Rows are handled in slabs of ``step`` rows (about ``_SLAB_ELEMENTS`` values): about
+    fifteen numpy calls per slab, each one pass over the slab into per-thread scratch
+    (no temporaries, no BLAS). The slab is converted to float32; its column extremes are
+    ``minimum/maximum.reduce``'d into running rows; ``|x| < eps`` is added as ``uint8``
+    into a counter of the slab's shape (reduced every ``_FLUSH_SLABS`` slabs, before it
+    can wrap); squared row norms are one ``vecdot``. ``d = x - shift`` (the shift
+    pre-broadcast to the slab's shape: numpy's broadcasting loop is slower) and
+    ``d**2, d**3, d**4`` go into a ``(3, step, D)`` buffer. Sums of ``d`` are added
+    elementwise in float32 over ``_MEAN_SLABS`` slabs, then summed in float64; sums of
+    the powers are float32 over groups of ``_POWER_GROUP`` rows, then float64
+    (:class:`_ColumnSums`). Blocks of at most ``_EXACT_SUM_ELEMENTS`` values (cheap
+    either way; merging many of them must not pile up float32 rounding) sum every
+    float32 term in float64.
     """
     n, dims = raw.shape
     step = min(n, _slab_rows(dims))
     conv = _ToFloat32(raw.dtype, step, dims, exact)
     wide = work is not np.float32
-    xw = np.empty((step, dims), work) if wide else None
-    pair = np.empty((2, step, dims), work)  # (d, d**2), then (d**3, d**4)
-    colsums = _ColumnSums(step, dims, work)
-    totals = np.zeros((4, dims), np.float64)
-    absx = np.empty((step, dims), np.float32) if wide else pair[0]  # |x| before d
-    mask = np.empty((step, dims), np.bool_)
-    nz_acc = np.zeros((step, dims), np.uint8)
+    small = wide or n * dims <= _EXACT_SUM_ELEMENTS
+    mean_slabs = 1 if small else _MEAN_SLABS
+    sum_pow = _ColumnSums(3, step, dims, work, 1 if small else _POWER_GROUP)
+    xw = _scratch("xw", (step, dims), work) if wide else None
+    slots = _scratch("powers", (3, step, dims), work)  # d, d**2, d**3; then d**4 for d
+    shifts = _scratch("shift", (step, dims), work)
+    sum_d = _scratch("sum_d", (step, dims), work)
+    sum_d.fill(0)
+    absx = _scratch("abs", (step, dims), np.float32) if wide else slots[0]  # |x| before d
+    mask = _scratch("mask", (step, dims), np.bool_)
+    nz_acc = _scratch("near_zero", (step, dims), np.uint8)
+    nz_acc.fill(0)
+    totals = np.zeros((4, dims), np.float64)  # sums of d, d**4, d**2, d**3 (slot order)
     near_zero = np.zeros(dims, np.int64)
-    lo_acc = np.empty((step, dims), np.float32)
-    hi_acc = np.empty((step, dims), np.float32)
+    vmin = np.empty(dims, np.float32)
+    vmax = np.empty(dims, np.float32)
+    row = np.empty(dims, np.float32)
     norm2 = np.empty(n, work)
     thresh = np.float32(eps)
-    shift = np.zeros(dims, work)
-    pending = 0
-    for lo in range(0, n, step):
+    for i, lo in enumerate(range(0, n, step), start=1):
         hi = min(n, lo + step)
         k = hi - lo
         x32 = conv(raw[lo:hi])
         if lo == 0:
             # The first slab's mean: close enough to the block mean that the shifted power
             # sums do not cancel; the exact conversion to central moments comes later.
-            shift[:] = np.add.reduce(x32, axis=0, dtype=np.float64) / k
-            lo_acc[:] = x32[0]
-            hi_acc[:] = x32[0]
-        np.minimum(lo_acc[:k], x32, out=lo_acc[:k])
-        np.maximum(hi_acc[:k], x32, out=hi_acc[:k])
+            shifts[:] = _round_shift(np.add.reduce(x32, axis=0, dtype=work) / k)
+            np.minimum.reduce(x32, axis=0, out=vmin)
+            np.maximum.reduce(x32, axis=0, out=vmax)
+        else:
+            np.minimum(vmin, np.minimum.reduce(x32, axis=0, out=row), out=vmin)
+            np.maximum(vmax, np.maximum.reduce(x32, axis=0, out=row), out=vmax)
         m, acc = mask[:k], nz_acc[:k]
         np.less(np.absolute(x32, out=absx[:k]), thresh, out=m)
         np.add(acc, m.view(np.uint8), out=acc)
@@ -297,25 +345,25 @@ def _scan(raw: np.ndarray, eps: float, work: type[np.floating[Any]], exact: bool
         else:
             xs = x32
         np.vecdot(xs, xs, out=norm2[lo:hi])
-        p = pair[:, :k]
-        d, q = p
-        np.subtract(xs, shift, out=d)
+        p = slots[:, :k]
+        d, q, r = p
+        np.subtract(xs, shifts[:k], out=d)
         np.multiply(d, d, out=q)
-        colsums.add(p, totals[:2])
-        np.multiply(q, d, out=d)
-        np.multiply(q, q, out=q)
-        colsums.add(p, totals[2:])
-        pending += 1
-        if pending == _NZ_FLUSH:
+        np.multiply(q, d, out=r)
+        np.add(sum_d[:k], d, out=sum_d[:k])
+        np.multiply(q, q, out=d)
+        sum_pow.add(p, totals[1:])
+        if i % mean_slabs == 0 or hi == n:
+            np.add(totals[0], np.add.reduce(sum_d, axis=0, dtype=np.float64), out=totals[0])
+            sum_d.fill(0)
+        if i % _FLUSH_SLABS == 0 or hi == n:
             np.add(near_zero, np.add.reduce(nz_acc, axis=0, dtype=np.int64), out=near_zero)
             nz_acc.fill(0)
-            pending = 0
-    np.add(near_zero, np.add.reduce(nz_acc, axis=0, dtype=np.int64), out=near_zero)
     return _Scan(
-        shift.astype(np.float64),
-        totals,
-        lo_acc.min(axis=0).astype(np.float64),
-        hi_acc.max(axis=0).astype(np.float64),
+        shifts[0].astype(np.float64),
+        totals[[0, 2, 3, 1]],
+        vmin.astype(np.float64),
+        vmax.astype(np.float64),
         near_zero,
         norm2.astype(np.float64, copy=False),
     )
