@@ -125,10 +125,14 @@ class _Source:
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         start, stop = max(0, start), min(stop, self.rows)
+        cr = self.chunk_rows
+        if stop > start and start // cr == (stop - 1) // cr:
+            # Within one chunk (every Dask block): the decoded chunk is ours, no copy.
+            index = start // cr
+            return self.read_chunk(index)[start - index * cr : stop - index * cr]
         out = np.empty((max(0, stop - start), *self.feature_shape), dtype=self.dtype)
         if stop <= start:
             return out
-        cr = self.chunk_rows
         for index in range(start // cr, (stop - 1) // cr + 1):
             chunk = self.read_chunk(index)
             lo, hi = max(start, index * cr), min(stop, (index + 1) * cr)
