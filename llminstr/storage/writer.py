@@ -661,9 +661,12 @@ class CaptureWriter:
         self._drain()
         for state in self._states.values():
             if state.fill and state.buffer is not None:
-                tail = self._new_buffer(state.decl)
+                # np.zeros maps untouched pages to the kernel's zero page: the padding of a
+                # short tail costs neither a memset nor page faults (a capture's first commit
+                # pads every array's first chunk).
+                self.budget.acquire(state.decl.chunk_bytes)
+                tail = np.zeros(state.decl.chunk_shape, dtype=state.decl.storage_dtype)
                 tail[: state.fill] = state.buffer[: state.fill]
-                tail[state.fill :] = 0
                 self._submit(state, state.chunk_index, tail, state.fill, full=False)
         self._drain()
 
