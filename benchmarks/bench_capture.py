@@ -57,7 +57,7 @@ def overhead(tmp: Path, repeats: int, new_tokens: int, device: str = "cpu") -> d
         run()
         plain.append(time.perf_counter() - t)
         t = time.perf_counter()
-        with fw.capture_activations(tmp / f"overhead{i}.zarr"):
+        with fw.capture_activations(tmp / f"overhead{i}.zarr", overwrite=True):
             run()
         captured.append(time.perf_counter() - t)
     stats = fw.last_capture_stats or {}
@@ -229,6 +229,8 @@ def main() -> None:
             results["overhead"] = overhead(
                 tmp, repeats=2 if args.quick else 5, new_tokens=8 if args.quick else 24, device=args.device
             )
+            if not args.quick:  # the fixed cost of opening and closing a capture, amortised
+                results["overhead_96"] = overhead(tmp, repeats=3, new_tokens=96, device=args.device)
         if "sink" not in args.skip:
             with tempfile.TemporaryDirectory(prefix="llminstr-sink-", dir=args.sink_dir) as sd:
                 for cname in ("lz4", "zstd"):
@@ -238,7 +240,7 @@ def main() -> None:
         if "memory" not in args.skip:
             results["memory"] = memory(tmp, budget_gb=0.1, mbps=100, passes=20 if args.quick else 60)
     print(f"{'benchmark':<12} {'ratio':>7}  details")
-    targets = {"overhead": "<= 1.05", "sink_lz4": ">= 0.85", "sink_zstd": ">= 0.85", "memory": "<= 1.10"}
+    targets = {"overhead": "<= 1.05", "overhead_96": "<= 1.05", "sink_lz4": ">= 0.85", "sink_zstd": ">= 0.85", "memory": "<= 1.10"}
     for name, r in results.items():
         details = ", ".join(f"{k}={v:.3f}" for k, v in r.items() if k != "ratio")
         print(f"{name:<12} {r['ratio']:>7.3f}  (target {targets[name]}) {details}")
