@@ -9,6 +9,8 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from llminstr.errors import ConfigError, SiteNotFoundError
 
 if TYPE_CHECKING:
@@ -36,11 +38,15 @@ def as_capture(data: str | os.PathLike[str] | Capture) -> Capture:
 def resolve_rows(rows: Any, num_rows: int) -> tuple[int, int]:
     """Turn a ``rows=`` option into a non-empty ``[start, stop)`` range of committed rows.
 
-    Raises :class:`ConfigError` for anything but ``None``, a step-1 slice or a
+    Raises :class:`ConfigError` for anything but ``None``, a step-1 slice or range, or a
     ``(start, stop)`` pair of integers, and when the range selects no row.
     """
     if rows is None:
         sl = slice(None)
+    elif isinstance(rows, range):
+        if rows.step != 1:
+            raise ConfigError(f"rows must be a contiguous range (step 1); got {rows!r}")
+        sl = slice(rows.start, rows.stop)
     elif isinstance(rows, slice):
         if rows.step not in (None, 1):
             raise ConfigError(f"rows must be a contiguous range (slice step 1); got {rows!r}")
@@ -53,9 +59,11 @@ def resolve_rows(rows: Any, num_rows: int) -> tuple[int, int]:
             f"got {rows!r}"
         )
     for bound in (sl.start, sl.stop):
-        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int)):
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, np.integer))):
             raise ConfigError(f"rows bounds must be integers or None; got {bound!r} in {rows!r}")
-    start, stop, _ = sl.indices(num_rows)
+    start, stop, _ = slice(
+        None if sl.start is None else int(sl.start), None if sl.stop is None else int(sl.stop)
+    ).indices(num_rows)
     if stop <= start:
         raise ConfigError(
             f"rows={rows!r} selects no rows: the capture has {num_rows} committed rows"

@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from llminstr.analysis._common import resolve_rows
 from llminstr.errors import ConfigError, LlminstrError, SiteNotFoundError
 
 __all__ = ["LOGITS_NODE", "causal_graph", "interventional_graph", "observational_graph"]
@@ -58,22 +59,6 @@ RowsArg = slice | range | tuple[int, int] | None
 
 
 # ---------------------------------------------------------------------------- common
-def _row_range(rows: RowsArg, n: int) -> tuple[int, int]:
-    if rows is None:
-        return 0, n
-    if isinstance(rows, (slice, range)):
-        if rows.step not in (None, 1):
-            raise ConfigError(f"rows must be a contiguous range (step 1); got {rows!r}")
-        start, stop, _ = slice(rows.start, rows.stop).indices(n)
-        return start, max(start, stop)
-    if (
-        isinstance(rows, tuple)
-        and len(rows) == 2
-        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in rows)
-    ):
-        start, stop, _ = slice(int(rows[0]), int(rows[1])).indices(n)
-        return start, max(start, stop)
-    raise ConfigError(f"rows must be None, a slice, a range or (start, stop); got {rows!r}")
 
 
 def _select_sites(capture: Any, sites: Sequence[str] | None) -> list[str]:
@@ -257,7 +242,7 @@ def observational_graph(
     names = _select_sites(cap, sites)
     if len(names) < 2:
         raise ConfigError(f"a causal graph needs at least two sites; got {names}")
-    span = _row_range(rows, cap.num_rows)
+    span = resolve_rows(rows, cap.num_rows)
     n = span[1] - span[0]
     if n < 2:
         raise LlminstrError(f"the observational causal graph needs at least 2 rows; got {n}")
@@ -415,7 +400,7 @@ def interventional_graph(
     for col in ("token_id", "sequence", "position"):
         if col not in cap.token_columns:
             raise LlminstrError(f"the capture lacks the token column {col!r}; cannot re-run it")
-    span = _row_range(rows, cap.num_rows)
+    span = resolve_rows(rows, cap.num_rows)
     given = dict(means or {})
     unknown = [s for s in given if s not in names]
     if unknown:

@@ -47,6 +47,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from llminstr.analysis._common import resolve_rows
 from llminstr.errors import ConfigError, FormatError, LlminstrError, SiteNotFoundError
 
 __all__ = [
@@ -393,20 +394,6 @@ class _Blocks:
         return self._tokens(a, b)
 
 
-def _row_range(rows: RowsArg, n: int) -> tuple[int, int]:
-    if rows is None:
-        return 0, n
-    if isinstance(rows, (slice, range)):
-        if rows.step not in (None, 1):
-            raise ConfigError(f"rows must be a contiguous range (step 1); got {rows!r}")
-        start, stop, _ = slice(rows.start, rows.stop).indices(n)
-        return start, max(start, stop)
-    if isinstance(rows, tuple) and len(rows) == 2 and all(_is_int(v) for v in rows):
-        start, stop, _ = slice(int(rows[0]), int(rows[1])).indices(n)
-        return start, max(start, stop)
-    raise ConfigError(f"rows must be None, a slice, a range or (start, stop); got {rows!r}")
-
-
 def _bounds(chunk_starts: list[int], start: int, stop: int) -> list[tuple[int, int]]:
     """Split ``[start, stop)`` at the given chunk boundaries."""
     cuts = sorted({start, stop, *(c for c in chunk_starts if start < c < stop)})
@@ -433,7 +420,7 @@ def _blocks_for(
             site = cap.sites[0]
         info = cap.site_info(site)
         d_in = int(np.prod(info["feature_shape"]))
-        start, stop = _row_range(rows, cap.num_rows)
+        start, stop = resolve_rows(rows, cap.num_rows)
         cr = cap.chunk_rows
         bounds = _bounds(list(range(0, cap.num_rows, cr)), start, stop)
         present = [c for c in _TOKEN_COLUMNS if c in cap.token_columns]
@@ -455,7 +442,7 @@ def _blocks_for(
         )
     n = int(arr.shape[0])
     d_in = int(np.prod(arr.shape[1:]))
-    start, stop = _row_range(rows, n)
+    start, stop = resolve_rows(rows, n)
     is_dask = hasattr(arr, "chunks") and hasattr(arr, "blocks") and hasattr(arr, "dask")
     if is_dask:
         starts = [int(s) for s in np.cumsum((0, *arr.chunks[0]))[:-1]]
@@ -952,7 +939,7 @@ def sae_features(capture: Any, site: str, *, rows: RowsArg = None, **options: An
     cfg = SAEConfig.from_dict({**base.to_dict(), **options})
     d_in = int(np.prod(cap.site_info(site)["feature_shape"]))
     cfg.resolved(d_in)  # raises now if k > n_features
-    span = None if rows is None else _row_range(rows, cap.num_rows)
+    span = None if rows is None else resolve_rows(rows, cap.num_rows)
     path = str(Path(cap.path).resolve())
     key = f"sae-{site}-{tokenize(path, site, span, cfg.to_dict(), cap.num_rows)}"
     return delayed(_sae_task, pure=True)(path, site, span, cfg.to_dict(), dask_key_name=key)

@@ -157,7 +157,11 @@ class ZarrBackend(StoreBackend):
         # content and tests compare them with zarr-python's own): creating forty arrays
         # through zarr's API took ~0.3 s, all of it on the first forward pass of a capture.
         self.path.mkdir(parents=False, exist_ok=False)
-        self._root_doc = {"attributes": {ATTR_KEY: root}, "zarr_format": 3, "node_type": "group"}
+        self._root_doc: dict[str, Any] = {
+            "attributes": {ATTR_KEY: root},
+            "zarr_format": 3,
+            "node_type": "group",
+        }
         for group in (TOKENS_GROUP, ACTIVATIONS_GROUP):
             (self.path / group).mkdir()
             atomic_write(self.path / group / "zarr.json", _dumps(_group_document()))
