@@ -116,8 +116,13 @@ def run_capture(args: argparse.Namespace) -> dict[str, Any]:
     sites = fw.instrument_model(model)
     prompts = _read_prompts(args)
     texts: list[str] = []
+    starts = range(0, len(prompts), args.batch_size)
+    bar = _bar(args, "prompts", "prompts")  # the batch bar knows its total: it gives the ETA
+    if bar is not None:
+        bar.total = len(prompts)
+        bar.position = 1
     with fw.capture_activations(args.output, overwrite=args.overwrite), torch.no_grad():
-        for start in range(0, len(prompts), args.batch_size):
+        for start in starts:
             batch = prompts[start : start + args.batch_size]
             enc = {k: v.to(args.device) for k, v in _encode(tokenizer, batch).items()}
             pad = getattr(tokenizer, "pad_token_id", None)
@@ -130,6 +135,10 @@ def run_capture(args: argparse.Namespace) -> dict[str, Any]:
             )
             new = out[:, enc["input_ids"].shape[1] :].cpu()
             texts += [tokenizer.decode(row) for row in new]
+            if bar is not None:
+                bar.update(len(batch))
+    if bar is not None:
+        bar.close()
     stats = dict(fw.last_capture_stats or {})
     stats["sites"] = [s.name for s in sites]
     stats["generations"] = [{"prompt": p, "continuation": t} for p, t in zip(prompts, texts, strict=True)]

@@ -396,3 +396,24 @@ def test_cuda_tensor_modified_after_hook_is_captured_as_it_was(tmp_path) -> None
     got = open_capture(tmp_path / "c.zarr").activations("site").compute()
     want = model.emb(ids).detach().reshape(-1, 256).cpu().numpy()
     assert np.array_equal(got[: want.shape[0]], want)
+
+
+def test_progress_line_shows_rows_bytes_rate_and_buffer(tmp_path, capsys) -> None:  # noqa: ANN001
+    model = _tiny("gpt2")
+    fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1, progress=True))
+    fw.instrument_model(model)
+    with fw.capture_activations(tmp_path / "c.zarr"), torch.no_grad():
+        for _ in range(3):
+            model(torch.randint(3, 90, (2, 8)))
+            import time
+
+            time.sleep(0.6)  # the postfix refreshes at most twice a second
+    err = capsys.readouterr().err
+    assert "capture" in err and "rows" in err
+    for field in ("GB=", "GBps=", "buffer="):
+        assert field in err, err
+    fw_quiet = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1, progress=False))
+    fw_quiet.instrument_model(model)
+    with fw_quiet.capture_activations(tmp_path / "d.zarr"), torch.no_grad():
+        model(torch.randint(3, 90, (2, 8)))
+    assert capsys.readouterr().err == ""
