@@ -398,7 +398,7 @@ def test_cuda_tensor_modified_after_hook_is_captured_as_it_was(tmp_path) -> None
     assert np.array_equal(got[: want.shape[0]], want)
 
 
-def test_progress_line_shows_rows_bytes_rate_and_buffer(tmp_path, capsys) -> None:  # noqa: ANN001
+def test_progress_line_shows_rows_bytes_rate_and_buffer(tmp_path, capsys) -> None:
     model = _tiny("gpt2")
     fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1, progress=True))
     fw.instrument_model(model)
