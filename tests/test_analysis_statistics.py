@@ -394,13 +394,15 @@ def test_float16_extremes_subnormals_and_nonfinite(tmp_path: Path) -> None:
         (10000, 8, 1),  # several grouped slabs, a tail slab, a flush after every slab
     ],
 )
+@pytest.mark.parametrize("kernel", ["numpy", "auto"])
 def test_block_kernel_slab_layouts(
-    monkeypatch: pytest.MonkeyPatch, n: int, d: int, flush: int
+    monkeypatch: pytest.MonkeyPatch, n: int, d: int, flush: int, kernel: str
 ) -> None:
     """Every way the kernel cuts a block into slabs and float32 groups gives the direct
     float64 statistics (float32, float16 and bfloat16 storage)."""
     from llminstr.analysis import statistics as stats_mod
 
+    monkeypatch.setattr(stats_mod, "KERNEL", kernel)
     monkeypatch.setattr(stats_mod, "_FLUSH_SLABS", flush)
     monkeypatch.setattr(stats_mod, "_MEAN_SLABS", flush)
     x = make_data(n, d, seed=n + d)
@@ -463,3 +465,103 @@ def test_bfloat16_extremes_and_nonfinite() -> None:
     np.testing.assert_allclose(fin["mean"][3], x64[:, 3].mean(), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(fin["kurtosis"][3], reference(x32[:, 3:4])["kurtosis"], rtol=1e-4)
     assert fin["row_norm"]["nonfinite_count"] == 2
+
+
+# ---------------------------------------------------------------------- fused kernel
+def _stored_block(kind: str, n: int, d: int, seed: int, nonfinite: bool) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)) * rng.uniform(0.01, 10, d) + rng.uniform(-50, 50, d)
+    x[:, d // 2] += 3e3  # a massive-activation dim
+    x[rng.integers(0, n, 4), rng.integers(0, d, 4)] = 500.0  # outliers
+    x[rng.integers(0, n, 6), rng.integers(0, d, 6)] = 0.0  # near-zero entries
+    if nonfinite:
+        x[rng.integers(0, n), 1] = np.inf
+        x[rng.integers(0, n), 2] = np.nan
+        x[rng.integers(0, n), 3] = -np.inf
+    x32 = x.astype(np.float32)
+    if kind == "float16":
+        return np.clip(x32, -6e4, 6e4).astype(np.float16)
+    if kind == "bfloat16":
+        return x32.astype(ml_dtypes.bfloat16).view(np.uint16)
+    return x32
+
+
+@pytest.mark.parametrize("kind", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize(("n", "d"), [(1, 7), (3, 5), (37, 9), (301, 64), (2000, 130)])
+@pytest.mark.parametrize("nonfinite", [False, True])
+def test_fused_kernel_matches_numpy_kernel(
+    monkeypatch: pytest.MonkeyPatch, kind: str, n: int, d: int, nonfinite: bool
+) -> None:
+    """The numba kernel and the numpy kernel give the same block partials."""
+    pytest.importorskip("numba")
+    from llminstr.analysis import statistics as stats_mod
+
+    stored = _stored_block(kind, n, d, seed=n * d, nonfinite=nonfinite)
+    lg = float(np.log((1 + ACC) / (1 - ACC)))
+    parts = {}
+    for kernel in ("fused", "numpy"):
+        monkeypatch.setattr(stats_mod, "KERNEL", kernel)
+        parts[kernel] = site_block_partial(stored, EPS, lg)
+    a, b = parts["fused"], parts["numpy"]
+    assert a.n == b.n == n
+    np.testing.assert_array_equal(a.vmin, b.vmin)
+    np.testing.assert_array_equal(a.vmax, b.vmax)
+    np.testing.assert_array_equal(a.near_zero, b.near_zero)
+    np.testing.assert_array_equal(a.nonfinite, b.nonfinite)
+    assert (a.nonfinite.sum() > 0) == nonfinite
+    np.testing.assert_allclose(a.mean, b.mean, rtol=1e-6, atol=0, equal_nan=True)
+    spread = np.sqrt(np.abs(b.m2) / n) + 1e-30
+    scale = np.maximum(np.abs(b.mean), spread)
+
+    def close(x: np.ndarray, y: np.ndarray, rtol: float, atol: np.ndarray) -> None:
+        same_nan = np.isnan(x) == np.isnan(y)
+        ok = np.isnan(y) | (np.abs(x - y) <= rtol * np.abs(y) + atol)
+        assert same_nan.all() and ok.all(), (x, y)
+
+    close(a.m2, b.m2, 1e-5, 1e-6 * n * scale**2)
+    close(a.m3, b.m3, 1e-4, 1e-4 * n * spread**3)
+    close(a.m4, b.m4, 1e-4, 1e-4 * n * spread**4)
+    na, nb = a.norms, b.norms
+    assert (na.count, na.zeros, na.nonfinite) == (nb.count, nb.zeros, nb.nonfinite)
+    if nb.count:
+        assert na.mean == pytest.approx(nb.mean, rel=1e-6)
+        assert na.vmin == pytest.approx(nb.vmin, rel=1e-6)
+        assert na.vmax == pytest.approx(nb.vmax, rel=1e-6)
+        assert na.counts.sum() == nb.counts.sum()
+        # float32 vs float64 squared norms: a norm may land in the neighbouring bin.
+        lo = min(na.offset, nb.offset)
+        hi = max(na.offset + na.counts.size, nb.offset + nb.counts.size)
+        ca, cb = np.zeros(hi - lo, np.int64), np.zeros(hi - lo, np.int64)
+        ca[na.offset - lo : na.offset - lo + na.counts.size] = na.counts
+        cb[nb.offset - lo : nb.offset - lo + nb.counts.size] = nb.counts
+        assert np.abs(np.cumsum(ca) - np.cumsum(cb)).max() <= max(1, n // 100)
+
+
+def test_fused_kernel_float32_overflow_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Values whose float32 x**4 overflows stay finite in the fused kernel's float64
+    sums and agree with the numpy kernel (which redoes such blocks in float64)."""
+    pytest.importorskip("numba")
+    from llminstr.analysis import statistics as stats_mod
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((257, 6)) * 1e12).astype(np.float32)
+    x[:, 0] = 3e38
+    lg = float(np.log((1 + ACC) / (1 - ACC)))
+    parts = {}
+    for kernel in ("fused", "numpy"):
+        monkeypatch.setattr(stats_mod, "KERNEL", kernel)
+        parts[kernel] = finish_site(site_block_partial(x, EPS, lg), (6,), 6.0, lg, NORM_QUANTILES)
+    a, b = parts["fused"], parts["numpy"]
+    for key in ("mean", "std", "min", "max", "rms"):
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-6)
+    np.testing.assert_allclose(a["kurtosis"][1:], b["kurtosis"][1:], rtol=1e-4)
+    assert a["row_norm"]["max"] == pytest.approx(b["row_norm"]["max"], rel=1e-6)
+
+
+def test_kernel_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llminstr.analysis import statistics as stats_mod
+    from llminstr.errors import ConfigError
+
+    monkeypatch.setattr(stats_mod, "KERNEL", "gpu")
+    with pytest.raises(ConfigError):
+        site_block_partial(np.zeros((2, 3), np.float32), EPS, 0.01)

@@ -395,6 +395,37 @@ def _norm_partial(norm2: np.ndarray, log_gamma: float) -> NormPartial:
 
 _EMPTY = np.zeros(0, np.int64)
 
+#: Which block kernel :func:`site_block_partial` uses: ``"auto"`` (the fused numba kernel
+#: of :mod:`llminstr.analysis._fused` when numba imports, else numpy), ``"fused"``
+#: (numba required) or ``"numpy"``. Set from ``LLMINSTR_STATS_KERNEL``; tests set it.
+KERNEL: str = os.environ.get("LLMINSTR_STATS_KERNEL", "auto")
+
+
+def _fused_module() -> Any:
+    """The fused-kernel module, or ``None`` for the numpy kernel (see :data:`KERNEL`)."""
+    if KERNEL == "numpy":
+        return None
+    if KERNEL not in ("auto", "fused"):
+        raise ConfigError(f"LLMINSTR_STATS_KERNEL must be auto, fused or numpy; got {KERNEL!r}")
+    try:
+        from llminstr.analysis import _fused
+    except ImportError:
+        if KERNEL == "fused":
+            raise
+        return None
+    return _fused
+
+
+def _fused_scan(fused: Any, raw: np.ndarray, eps: float) -> _Scan:
+    """:func:`_scan` by the fused numba kernel: one pass, float64 sums. The shift is the
+    same kind as the numpy kernel's (the first slab's mean, rounded by
+    :func:`_round_shift`); non-finite sums send the block to the numpy float64 kernel."""
+    n, dims = raw.shape
+    k = min(n, _slab_rows(dims))
+    shift = _round_shift(fused.first_sums(raw, k) / k)
+    power, vmin, vmax, near_zero, norm2 = fused.scan(raw, shift, eps)
+    return _Scan(shift, power, vmin, vmax, near_zero, norm2)
+
 
 def site_block_partial(block: np.ndarray, eps: float, log_gamma: float) -> SitePartial:
     """Summarise one block ``(rows, *features)`` of stored values (float32, float16 or
@@ -406,8 +437,9 @@ def site_block_partial(block: np.ndarray, eps: float, log_gamma: float) -> SiteP
         zero = np.zeros(dims, np.int64)
         empty = NormPartial(0, 0.0, 0.0, math.inf, -math.inf, 0, 0, 0, _EMPTY)
         return SitePartial(0, nan, nan, nan, nan, nan, nan, zero, zero, empty)
+    fused = _fused_module()
     with np.errstate(over="ignore", invalid="ignore"):
-        sc = _scan(raw, eps, np.float32)
+        sc = _scan(raw, eps, np.float32) if fused is None else _fused_scan(fused, raw, eps)
     nonfinite = np.zeros(dims, np.int64)
     if not (
         np.isfinite(sc.power).all()
@@ -419,11 +451,12 @@ def site_block_partial(block: np.ndarray, eps: float, log_gamma: float) -> SiteP
             sc = _scan(raw, eps, np.float64, exact=True)
         nonfinite = n - np.add.reduce(np.isfinite(as_float32(raw)), axis=0, dtype=np.int64)
     p = sc.power
-    delta = p[0] / n
-    mean = sc.shift + delta
-    m2 = p[1] - n * delta**2
-    m3 = p[2] - 3 * delta * p[1] + 2 * n * delta**3
-    m4 = p[3] - 4 * delta * p[2] + 6 * delta**2 * p[1] - 3 * n * delta**4
+    with np.errstate(over="ignore", invalid="ignore"):  # non-finite columns stay NaN/inf
+        delta = p[0] / n
+        mean = sc.shift + delta
+        m2 = p[1] - n * delta**2
+        m3 = p[2] - 3 * delta * p[1] + 2 * n * delta**3
+        m4 = p[3] - 4 * delta * p[2] + 6 * delta**2 * p[1] - 3 * n * delta**4
     np.maximum(m2, 0.0, out=m2)
     np.maximum(m4, 0.0, out=m4)
     return SitePartial(
@@ -752,6 +785,9 @@ def statistics_for_site(
     shape = tuple(int(s) for s in info["feature_shape"])
     log_gamma = math.log((1.0 + acc) / (1.0 - acc))
 
+    fused = _fused_module()
+    if fused is not None:
+        fused.warm_up()  # numba's compile / cache load and memory before any block task
     arr = cap.activations(name, logical=False)
     blocks = [
         delayed(site_block_partial, pure=True)(b, eps_v, log_gamma)
