@@ -52,6 +52,11 @@ class MemoryBudget:
         """Whether a producer is blocked waiting for bytes right now."""
         return self._waiters > 0
 
+    def add_stall(self, seconds: float) -> None:
+        """Count time a consumer of this budget spent blocked outside :meth:`acquire`."""
+        with self._cond:
+            self._stall += seconds
+
     def add_reclaimer(self, reclaim: Callable[[int], int]) -> None:
         """Register ``reclaim(n)``: asked to give back (via :meth:`release`) up to ``n``
         bytes it holds but does not need (e.g. pooled buffers) before anyone waits."""

@@ -25,7 +25,7 @@ import torch
 from llminstr.budget import MemoryBudget
 from llminstr.config import InstrumentationConfig
 from llminstr.errors import CaptureStateError, FormatError, LlminstrError
-from llminstr.format import TOKEN_COLUMNS, SiteInfo, logical_dtype_name
+from llminstr.format import SiteInfo, logical_dtype_name
 from llminstr.sites import SiteSpec
 from llminstr.storage.writer import CaptureWriter, WriterStats
 
@@ -438,18 +438,7 @@ def _cuda() -> Any:
     return torch.cuda
 
 
-class _Stager:
-    def stage(self, index: int, plan: PassPlan, flat: torch.Tensor) -> None:
-        raise NotImplementedError
-
-    def flush(self) -> None:
-        raise NotImplementedError
-
-    def close(self, drain: bool) -> None:
-        raise NotImplementedError
-
-
-class _CudaStager(_Stager):
+class _CudaStager:
     """Device -> pinned host copies on a dedicated stream; a drain thread hands finished
     copies to the writer in order.
 
@@ -498,7 +487,7 @@ class _CudaStager(_Stager):
                 self._raise_if_failed()
                 start = time.perf_counter()
                 self._pool_cond.wait(timeout=0.5)
-                budget._stall += time.perf_counter() - start  # counted like writer stalls
+                budget.add_stall(time.perf_counter() - start)  # counted like writer stalls
 
     def _give_back(self, slab: torch.Tensor) -> None:
         with self._pool_cond:
@@ -599,5 +588,3 @@ class _CudaStager(_Stager):
             self._free.clear()
         self._raise_if_failed()
 
-
-TOKEN_COLUMN_NAMES = [c for c, _ in TOKEN_COLUMNS]
