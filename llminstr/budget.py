@@ -71,6 +71,14 @@ class MemoryBudget:
             freed += reclaim(nbytes - freed)
         return freed
 
+    def try_acquire(self, nbytes: int) -> bool:
+        """Reserve ``nbytes`` if they are free right now; never blocks."""
+        with self._cond:
+            if self._poison is None and self._used + nbytes <= self.limit:
+                self._take(nbytes)
+                return True
+            return False
+
     def acquire(self, nbytes: int) -> None:
         """Reserve ``nbytes``, blocking until they are free."""
         if nbytes <= 0:

@@ -468,21 +468,23 @@ class _CudaStager:
                 free = self._free.get(size)
                 if free:
                     return free.pop()
-                if budget.used + size <= budget.limit:
-                    budget.acquire(size)
+                # Never block on the budget while holding the pool lock: the drain thread
+                # needs the lock to give slabs back.
+                if budget.try_acquire(size):
                     self._pool_bytes += size
                     return torch.empty(size, dtype=torch.uint8, pin_memory=True)
                 # Budget spent: ask the writer for pooled buffers, give back idle slabs of
-                # other sizes, else wait for one.
-                budget.reclaim(size)
-                if budget.used + size <= budget.limit:
+                # other sizes, else wait for a slab to come back.
+                if budget.reclaim(size) > 0:
                     continue
+                idle = False
                 for other, slabs in self._free.items():
                     while slabs:
                         slabs.pop()
                         budget.release(other)
                         self._pool_bytes -= other
-                if budget.used + size <= budget.limit:
+                        idle = True
+                if idle:
                     continue
                 self._raise_if_failed()
                 start = time.perf_counter()

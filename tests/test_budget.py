@@ -94,3 +94,12 @@ def test_pooled_writer_buffers_are_reclaimed_for_another_consumer(tmp_path: Path
     budget.release(want)
     w.close()
     assert budget.used == 0  # every byte given back at close
+
+
+def test_try_acquire_never_blocks() -> None:
+    b = MemoryBudget(10)
+    assert b.try_acquire(6)
+    assert not b.try_acquire(5)
+    assert b.used == 6 and b.stall_events == 0
+    b.poison(RuntimeError("x"))
+    assert not b.try_acquire(1)
