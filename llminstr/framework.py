@@ -117,6 +117,17 @@ class InstrumentationFramework:
             raise CaptureStateError(
                 f"a capture to {str(self._session.path)!r} is already active; finish it first"
             )
+        # The writer opens at the end of the first forward pass; refuse a bad path now,
+        # before any model time is spent.
+        from llminstr.errors import CaptureExistsError
+        from llminstr.storage.writer import backend_for_path
+
+        target = Path(output_path)
+        backend_for_path(target, self.config.backend)
+        if target.exists() and not overwrite:
+            raise CaptureExistsError(
+                f"{str(target)!r} already exists; pass overwrite=True to replace it"
+            )
         progress = self.config.progress
         if progress is None:
             progress = sys.stderr.isatty()

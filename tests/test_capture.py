@@ -417,3 +417,21 @@ def test_progress_line_shows_rows_bytes_rate_and_buffer(tmp_path, capsys) -> Non
     with fw_quiet.capture_activations(tmp_path / "d.zarr"), torch.no_grad():
         model(torch.randint(3, 90, (2, 8)))
     assert capsys.readouterr().err == ""
+
+
+def test_bad_output_path_fails_before_the_model_runs(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from llminstr.errors import CaptureExistsError
+
+    model = _tiny("gpt2")
+    fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1))
+    fw.instrument_model(model)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    (tmp_path / "exists.zarr").mkdir()
+    with pytest.raises(CaptureExistsError, match="overwrite=True"), fw.capture_activations(tmp_path / "exists.zarr"):
+        model(torch.randint(3, 90, (1, 4)))
+    with pytest.raises(ConfigError, match="suffix"), fw.capture_activations(tmp_path / "run.bin"):
+        model(torch.randint(3, 90, (1, 4)))
+    handle.remove()
+    assert calls == []
+    assert not any(m._forward_hooks for m in model.modules())
