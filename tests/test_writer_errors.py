@@ -380,6 +380,11 @@ def backend_class(suffix: str) -> type:
     return backends_mod.ZarrBackend if suffix == ".zarr" else backends_mod.HDF5Backend
 
 
+def write_method(suffix: str) -> str:
+    """The backend method that performs one chunk write (HDF5: on its own thread)."""
+    return "write_chunk" if suffix == ".zarr" else "_write_chunk"
+
+
 def check_released(path: Path, threads_before: set[str]) -> None:
     deadline = time.monotonic() + 5
     while llminstr_threads() - threads_before and time.monotonic() < deadline:
@@ -403,8 +408,8 @@ def test_worker_failure_reaches_the_producer(
     n = committed_chunks * 5 + 2
     if where == "write_chunk":
         cls = backend_class(backend)
-        fail = FailOnNth(cls.write_chunk, n, disk_full)
-        monkeypatch.setattr(cls, "write_chunk", lambda self, *a: fail(self, *a))
+        fail = FailOnNth(getattr(cls, write_method(backend)), n, disk_full)
+        monkeypatch.setattr(cls, write_method(backend), lambda self, *a: fail(self, *a))
     else:
         fail = FailOnNth(codec_mod.ChunkCodec.encode, n, disk_full)
         monkeypatch.setattr(codec_mod.ChunkCodec, "encode", lambda self, *a: fail(self, *a))
@@ -447,8 +452,8 @@ def test_worker_failure_reported_by_close(
     before = llminstr_threads()
     disk_full = OSError("disk full")
     cls = backend_class(backend)
-    fail = FailOnNth(cls.write_chunk, 6, disk_full)  # the first chunk written at close
-    monkeypatch.setattr(cls, "write_chunk", lambda self, *a: fail(self, *a))
+    fail = FailOnNth(getattr(cls, write_method(backend)), 6, disk_full)  # the first chunk written at close
+    monkeypatch.setattr(cls, write_method(backend), lambda self, *a: fail(self, *a))
     w = CaptureWriter(path, [SiteInfo("a", (8,))], chunk_rows=4, commit_interval_s=1e9)
     w.append(token_columns(3), {"a": rows(3, 8)})
     assert w.commit() == 3  # 5 partial chunks
@@ -471,8 +476,8 @@ def test_failure_wakes_a_producer_blocked_on_the_budget(
     disk_full = OSError("disk full")
     cls = backend_class(backend)
     # Slow writes keep the budget full; the 12th write fails after a while.
-    fail = FailOnNth(cls.write_chunk, 12, disk_full, delay=0.05)
-    monkeypatch.setattr(cls, "write_chunk", lambda self, *a: fail(self, *a))
+    fail = FailOnNth(getattr(cls, write_method(backend)), 12, disk_full, delay=0.05)
+    monkeypatch.setattr(cls, write_method(backend), lambda self, *a: fail(self, *a))
     site = SiteInfo("a", (256,))
     w = CaptureWriter(path, [site], chunk_rows=8, memory_budget_bytes=40_000, encoder_threads=1)
     start = time.monotonic()
@@ -495,8 +500,8 @@ def test_context_manager_with_failed_worker(
     before = llminstr_threads()
     disk_full = OSError("disk full")
     cls = backend_class(backend)
-    fail = FailOnNth(cls.write_chunk, 1, disk_full)
-    monkeypatch.setattr(cls, "write_chunk", lambda self, *a: fail(self, *a))
+    fail = FailOnNth(getattr(cls, write_method(backend)), 1, disk_full)
+    monkeypatch.setattr(cls, write_method(backend), lambda self, *a: fail(self, *a))
     with (
         pytest.raises(WriterFailedError) as info,
         CaptureWriter(path, [SiteInfo("a", (2,))], chunk_rows=1) as w,
@@ -517,13 +522,13 @@ def test_backpressure_blocks_without_losing_data(
 ) -> None:
     path = tmp_path / f"c{backend}"
     cls = backend_class(backend)
-    original = cls.write_chunk
+    original = getattr(cls, write_method(backend))
 
     def slow_write(self: Any, *args: Any) -> None:
         time.sleep(0.004)
         original(self, *args)
 
-    monkeypatch.setattr(cls, "write_chunk", slow_write)
+    monkeypatch.setattr(cls, write_method(backend), slow_write)
     sites = [SiteInfo("a", (256,)), SiteInfo("b", (64,), "bfloat16")]
     budget = 48_000
     rng = np.random.default_rng(1)

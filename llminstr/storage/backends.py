@@ -14,7 +14,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -126,6 +126,15 @@ class StoreBackend(ABC):
     ) -> None:
         """Store the frame of chunk ``index`` (replacing any earlier frame of it).
         ``extent`` is the number of rows the array must at least hold afterwards."""
+
+    def write_chunk_async(
+        self, array: ArrayDecl, index: int, parts: Sequence[bytes | memoryview], extent: int
+    ) -> Future[None] | None:
+        """Like :meth:`write_chunk` but may return at once with a future of the write; the
+        frame bytes are copied first, so the caller may reuse its buffers. ``None`` means the
+        backend has no such path: call :meth:`write_chunk`. Writes (and publishes) issued
+        from one thread complete in order."""
+        return None
 
     @abstractmethod
     def publish(self, root: dict[str, Any]) -> None:
@@ -280,6 +289,14 @@ class HDF5Backend(StoreBackend):
     ) -> None:
         frame = b"".join(parts) if len(parts) > 1 else bytes(parts[0])
         self._call(self._write_chunk, array, index, frame, extent)
+
+    def write_chunk_async(
+        self, array: ArrayDecl, index: int, parts: Sequence[bytes | memoryview], extent: int
+    ) -> Future[None]:
+        # The encoder hands the frame to the HDF5 thread and goes on compressing: waiting
+        # for each write kept the encoders idle most of the time (measured).
+        frame = b"".join(parts) if len(parts) > 1 else bytes(parts[0])
+        return self._thread.submit(self._write_chunk, array, index, frame, extent)
 
     def _write_chunk(self, array: ArrayDecl, index: int, frame: bytes, extent: int) -> None:
         ds = self._datasets[array.key]

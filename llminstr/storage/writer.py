@@ -14,6 +14,7 @@ number of rows that every array holds on disk.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import threading
@@ -543,6 +544,22 @@ class CaptureWriter:
                 self._recycle(buf)  # the raw chunk is no longer needed once compressed
                 raw = 0
             extent = index * self.chunk_rows + nrows
+            written = self._backend.write_chunk_async(state.decl, index, parts, extent)
+            if written is not None:
+                del parts
+                # Finish when the write does; until then the bytes stay reserved.
+                done: Future[None] = Future()
+                with self._state_lock:
+                    self._pending.add(done)
+                done.add_done_callback(self._forget)
+                written.add_done_callback(
+                    functools.partial(
+                        self._write_done, done, state, index, nrows, full, frame_bytes,
+                        buf if raw else None, reserve,
+                    )
+                )
+                raw = reserve = 0
+                return
             self._backend.write_chunk(state.decl, index, parts, extent)
             del parts
             if raw:
@@ -553,6 +570,31 @@ class CaptureWriter:
             self._fail(exc)
         finally:
             self.budget.release(raw + reserve)
+
+    def _write_done(
+        self,
+        done: Future[None],
+        state: _ArrayState,
+        index: int,
+        nrows: int,
+        full: bool,
+        frame_bytes: int,
+        buf: np.ndarray | None,
+        reserve: int,
+        written: Future[None],
+    ) -> None:
+        try:
+            written.result()
+            # This runs on the backend's own thread, which a publish would wait on: the
+            # producer's periodic commit publishes these rows instead.
+            self._chunk_done(state, index, nrows, full, frame_bytes, may_publish=False)
+        except BaseException as exc:  # reported to the producer, never swallowed
+            self._fail(exc)
+        finally:
+            if buf is not None:
+                self._recycle(buf)
+            self.budget.release(reserve)
+            done.set_result(None)
 
     # Chunk buffers are reused: a fresh numpy buffer of several MiB is a new mmap, and the
     # producer's first copy into it page-faults on every page (measured ~4x a warm copy).
@@ -592,7 +634,14 @@ class CaptureWriter:
         return freed
 
     def _chunk_done(
-        self, state: _ArrayState, index: int, nrows: int, full: bool, frame_bytes: int
+        self,
+        state: _ArrayState,
+        index: int,
+        nrows: int,
+        full: bool,
+        frame_bytes: int,
+        *,
+        may_publish: bool = True,
     ) -> None:
         with self._state_lock:
             self._chunks_written += 1
@@ -605,7 +654,7 @@ class CaptureWriter:
                 state.durable = max(state.durable, state.full_done * self.chunk_rows)
             elif index == state.full_done:
                 state.durable = max(state.durable, index * self.chunk_rows + nrows)
-        if time.monotonic() - self._last_publish >= self.commit_interval_s:
+        if may_publish and time.monotonic() - self._last_publish >= self.commit_interval_s:
             self._publish()
 
     def _fail(self, exc: BaseException) -> None:
