@@ -130,10 +130,10 @@ class StoreBackend(ABC):
     def write_chunk_async(
         self, array: ArrayDecl, index: int, parts: Sequence[bytes | memoryview], extent: int
     ) -> Future[None] | None:
-        """Like :meth:`write_chunk` but may return at once with a future of the write; the
-        frame bytes are copied first, so the caller may reuse its buffers. ``None`` means the
-        backend has no such path: call :meth:`write_chunk`. Writes (and publishes) issued
-        from one thread complete in order."""
+        """Like :meth:`write_chunk` but may return at once with a future of the write. The
+        caller keeps the memory behind ``parts`` alive until the future is done. ``None``
+        means the backend has no such path: call :meth:`write_chunk`. Writes complete in
+        the order they were issued."""
         return None
 
     @abstractmethod
@@ -144,6 +144,9 @@ class StoreBackend(ABC):
     @abstractmethod
     def close(self, root: dict[str, Any]) -> None:
         """Publish the final document and release every handle. Idempotent."""
+
+    def abandon(self) -> None:  # noqa: B027 (optional hook, nothing to do by default)
+        """Release threads and handles without publishing (after a failure). Idempotent."""
 
 
 class ZarrBackend(StoreBackend):
@@ -222,6 +225,8 @@ class ZarrBackend(StoreBackend):
         atomic_write(self.path / "zarr.json", _dumps(self._root_doc), fsync=self.fsync)
 
     def close(self, root: dict[str, Any]) -> None:
+        # Encoder threads write their own frames: measured against a single I/O thread
+        # (as HDF5 needs), parallel file writes were as fast or faster.
         self.publish(root)
 
 

@@ -342,7 +342,7 @@ class CaptureWriter:
             self._backend.create(self._root, arrays, self.codec_config)
         except BaseException:
             backend = getattr(self, "_backend", None)
-            if isinstance(backend, HDF5Backend):
+            if backend is not None:
                 backend.abandon()
             self._lock.release()
             raise
@@ -753,8 +753,7 @@ class CaptureWriter:
                 self._closed = True
                 self._finished = time.perf_counter()
                 self._executor.shutdown(wait=True)
-                if isinstance(self._backend, HDF5Backend):
-                    self._backend.abandon()
+                self._backend.abandon()
                 self._release_buffers()
                 self._lock.release()
                 self._finalizer.detach()
