@@ -14,9 +14,9 @@ NaN/inf gives non-finite sums and is redone by the numpy float64 kernel, which a
 counts the non-finite entries, so non-finite data take the same path as before.
 
 The kernels release the GIL (``nogil``) so that the threaded scheduler runs blocks in
-parallel, and are cached on disk (``cache=True``) next to this file, or in numba's
-user-wide cache directory when the package directory is read-only; without any
-writable cache directory they are compiled once per process instead.
+parallel. They are compiled once per process, for the stored dtypes actually met, and not
+cached on disk: numba's on-disk cache index is a pickle, and llminstr reads and writes no
+pickles.
 
 Importing this module raises ``ImportError`` when numba is not installed.
 """
@@ -37,10 +37,7 @@ _FLAGS = {"reassoc", "contract"}
 
 
 def _jit(fn: Callable[..., Any]) -> Any:
-    try:
-        return numba.njit(nogil=True, cache=True, fastmath=_FLAGS)(fn)
-    except RuntimeError:  # "cannot cache function ...: no locator available"
-        return numba.njit(nogil=True, fastmath=_FLAGS)(fn)
+    return numba.njit(nogil=True, cache=False, fastmath=_FLAGS)(fn)
 
 
 def _accumulate_row_py(
@@ -247,17 +244,19 @@ def scan(
     return power, vmin, vmax, near, norm2
 
 
-_WARM: list[bool] = []
+_WARM: set[str] = set()
 
 
-def warm_up() -> None:
-    """Compile (or load from numba's cache) the kernels for every stored dtype, once per
-    process: called when a statistics graph is built, so that the compile time and numba's
-    memory (about 150 MiB of RSS: the import and the compiled code) are spent up front,
-    not inside the first block tasks."""
-    if _WARM:
-        return
-    for dtype in (np.float32, np.float16, np.uint16):
-        x = np.zeros((5, 3), dtype)
+def warm_up(dtype: Any = None) -> None:
+    """Compile the kernels for one stored dtype (``None``: all of them), once per process.
+    Called when a statistics graph is built, so that the compile time (about 1-2 s per
+    kernel family) and numba's memory (about 150 MiB of RSS: the import and the compiled
+    code) are spent up front, not inside the first block tasks."""
+    wanted = (np.float32, np.float16, np.uint16) if dtype is None else (np.dtype(dtype).type,)
+    for kind in wanted:
+        family = "f32" if np.dtype(kind) == np.float32 else "u16"
+        if family in _WARM:
+            continue
+        x = np.zeros((5, 3), kind)
         scan(x, first_sums(x, 1), 1e-6)
-    _WARM.append(True)
+        _WARM.add(family)

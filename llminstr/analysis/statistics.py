@@ -787,7 +787,7 @@ def statistics_for_site(
 
     fused = _fused_module()
     if fused is not None:
-        fused.warm_up()  # numba's compile / cache load and memory before any block task
+        fused.warm_up(info["storage_dtype"])  # compile time and memory before any block task
     arr = cap.activations(name, logical=False)
     blocks = [
         delayed(site_block_partial, pure=True)(b, eps_v, log_gamma)
