@@ -36,7 +36,9 @@ def overhead(tmp: Path, repeats: int, new_tokens: int, device: str = "cpu") -> d
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
+    cfg = transformers.GPT2Config(
+        n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024
+    )
     model = transformers.GPT2LMHeadModel(cfg).eval().to(device)
     ids = torch.randint(0, 50000, (4, 32), device=device)
     fw = InstrumentationFramework(
@@ -86,7 +88,10 @@ class _Sink(torch.nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(0)
         # heavy-tailed, like real activations: student-t-ish with a few outlier dims
-        base = torch.randn(batch, seq, width, generator=g) / torch.rand(batch, seq, 1, generator=g).clamp_min(0.05).sqrt()
+        base = (
+            torch.randn(batch, seq, width, generator=g)
+            / torch.rand(batch, seq, 1, generator=g).clamp_min(0.05).sqrt()
+        )
         base[..., :4] *= 30
         self.layers = torch.nn.ModuleList(_Wide(base.clone()) for _ in range(layers))
 
@@ -103,8 +108,14 @@ def sink(tmp: Path, mb: int, threads: int, cname: str, device: str = "cpu") -> d
     per_pass = layers * batch * seq * width * 4
     passes = max(2, int(mb * 1e6 // per_pass))
     names = tuple(f"layers.{i}" for i in range(layers))
-    cfg = InstrumentationConfig(module_names=names, max_memory_gb=0.25, encoder_threads=threads,
-                                compression_algorithm=cname, chunk_rows=1024, progress=False)  # type: ignore[arg-type]
+    cfg = InstrumentationConfig(
+        module_names=names,
+        max_memory_gb=0.25,
+        encoder_threads=threads,
+        compression_algorithm=cname,
+        chunk_rows=1024,
+        progress=False,
+    )  # type: ignore[arg-type]
     fw = InstrumentationFramework(cfg)
     fw.instrument_model(model)
     ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
@@ -120,8 +131,14 @@ def sink(tmp: Path, mb: int, threads: int, cname: str, device: str = "cpu") -> d
         import numcodecs
 
         numcodecs.blosc.use_threads = False
-        codec = numcodecs.Blosc(cname=cname, clevel=5 if cname == "lz4" else 1, shuffle=numcodecs.Blosc.SHUFFLE)
-        chunks = [layer.data.reshape(-1, width)[i : i + 1024].cpu().numpy() for layer in model.layers for i in range(0, batch * seq, 1024)]
+        codec = numcodecs.Blosc(
+            cname=cname, clevel=5 if cname == "lz4" else 1, shuffle=numcodecs.Blosc.SHUFFLE
+        )
+        chunks = [
+            layer.data.reshape(-1, width)[i : i + 1024].cpu().numpy()
+            for layer in model.layers
+            for i in range(0, batch * seq, 1024)
+        ]
         path.mkdir(exist_ok=True)
 
         def work(job: tuple[int, np.ndarray]) -> None:
@@ -200,8 +217,13 @@ print(json.dumps({{"baseline_mb": baseline/1e6, "peak_above_mb": (peak-baseline)
 
 
 def memory(tmp: Path, budget_gb: float, mbps: float, passes: int) -> dict[str, float]:
-    code = _MEMORY_CHILD.format(bench_dir=str(Path(__file__).parent), budget_gb=budget_gb, mbps=mbps,
-                                passes=passes, path=str(tmp / "mem.zarr"))
+    code = _MEMORY_CHILD.format(
+        bench_dir=str(Path(__file__).parent),
+        budget_gb=budget_gb,
+        mbps=mbps,
+        passes=passes,
+        path=str(tmp / "mem.zarr"),
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     res: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
     res["ratio"] = res["peak_above_mb"] / res["budget_mb"]
@@ -209,7 +231,9 @@ def memory(tmp: Path, budget_gb: float, mbps: float, passes: int) -> dict[str, f
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="smaller runs (CI smoke)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON")
     ap.add_argument("--skip", nargs="*", default=[], choices=["overhead", "sink", "memory"])
@@ -227,7 +251,10 @@ def main() -> None:
         tmp = Path(d)
         if "overhead" not in args.skip:
             results["overhead"] = overhead(
-                tmp, repeats=2 if args.quick else 5, new_tokens=8 if args.quick else 24, device=args.device
+                tmp,
+                repeats=2 if args.quick else 5,
+                new_tokens=8 if args.quick else 24,
+                device=args.device,
             )
             if not args.quick:  # the fixed cost of opening and closing a capture, amortised
                 results["overhead_96"] = overhead(tmp, repeats=3, new_tokens=96, device=args.device)
@@ -238,9 +265,17 @@ def main() -> None:
                         Path(sd), 200 if args.quick else 800, threads, cname, args.device
                     )
         if "memory" not in args.skip:
-            results["memory"] = memory(tmp, budget_gb=0.1, mbps=100, passes=20 if args.quick else 60)
+            results["memory"] = memory(
+                tmp, budget_gb=0.1, mbps=100, passes=20 if args.quick else 60
+            )
     print(f"{'benchmark':<12} {'ratio':>7}  details")
-    targets = {"overhead": "<= 1.05", "overhead_96": "<= 1.05", "sink_lz4": ">= 0.85", "sink_zstd": ">= 0.85", "memory": "<= 1.10"}
+    targets = {
+        "overhead": "<= 1.05",
+        "overhead_96": "<= 1.05",
+        "sink_lz4": ">= 0.85",
+        "sink_zstd": ">= 0.85",
+        "memory": "<= 1.10",
+    }
     for name, r in results.items():
         details = ", ".join(f"{k}={v:.3f}" for k, v in r.items() if k != "ratio")
         print(f"{name:<12} {r['ratio']:>7.3f}  (target {targets[name]}) {details}")

@@ -182,7 +182,9 @@ class CaptureSession:
             )
             for i, (_spec, module) in enumerate(self.sites):
                 self._handles.append(module.register_forward_hook(self._make_site_hook(i)))
-            self._handles.append(self.model.register_forward_hook(self._post_hook, always_call=True))
+            self._handles.append(
+                self.model.register_forward_hook(self._post_hook, always_call=True)
+            )
         except BaseException:
             self.detach()
             raise
@@ -193,7 +195,9 @@ class CaptureSession:
         self._handles.clear()
 
     # ---------------------------------------------------------------- hooks
-    def _pre_hook(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _pre_hook(
+        self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
         if self._plan is not None:
             return  # re-entrant call of the root (e.g. a wrapper calling itself): one pass
         input_ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
@@ -222,7 +226,12 @@ class CaptureSession:
             mask_np = mask.detach().numpy() if mask is not None else None
             loader = lambda: (ids_np, mask_np)  # noqa: E731
         self._plan = PassPlan(
-            self._step, batch, seq_len, past, self._live_sequences, loader,
+            self._step,
+            batch,
+            seq_len,
+            past,
+            self._live_sequences,
+            loader,
             keep_padding=self.config.padding == "keep",
         )
         self._step += 1
@@ -378,7 +387,9 @@ class CaptureSession:
                     raise
             if self.writer is None:
                 if exc is None and self._first_pass:
-                    raise CaptureStateError("the first forward pass did not finish; nothing was written")
+                    raise CaptureStateError(
+                        "the first forward pass did not finish; nothing was written"
+                    )
                 if exc is None:
                     log.warning("capture_activations: no forward pass ran; no capture was written")
                 return None
@@ -589,4 +600,3 @@ class _CudaStager:
                 self.session.budget.release(size * len(slabs))
             self._free.clear()
         self._raise_if_failed()
-

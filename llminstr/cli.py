@@ -51,7 +51,9 @@ def load_model(spec: str, device: str, dtype: str) -> tuple[Any, Any]:
     """``demo`` (the shipped model), a local Hugging Face directory, or a hub name."""
     import torch
 
-    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
+        dtype
+    ]
     if spec == "demo":
         from llminstr.demo import load_demo_model
 
@@ -60,7 +62,9 @@ def load_model(spec: str, device: str, dtype: str) -> tuple[Any, Any]:
 
     local = Path(spec).is_dir()
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype, local_files_only=local)
+        model = AutoModelForCausalLM.from_pretrained(
+            spec, dtype=torch_dtype, local_files_only=local
+        )
         tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=local)
     except OSError as exc:
         raise LlminstrError(
@@ -88,7 +92,11 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise LlminstrError(f"--prompts-file {str(path)!r} does not exist")
-        prompts += [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts += [
+            line.rstrip("\n")
+            for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip()
+        ]
     return prompts or list(DEMO_PROMPTS)
 
 
@@ -141,7 +149,9 @@ def run_capture(args: argparse.Namespace) -> dict[str, Any]:
         bar.close()
     stats = dict(fw.last_capture_stats or {})
     stats["sites"] = [s.name for s in sites]
-    stats["generations"] = [{"prompt": p, "continuation": t} for p, t in zip(prompts, texts, strict=True)]
+    stats["generations"] = [
+        {"prompt": p, "continuation": t} for p, t in zip(prompts, texts, strict=True)
+    ]
     return stats
 
 
@@ -150,11 +160,15 @@ def cmd_capture(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(stats, indent=2, default=str))
         return EXIT_OK
-    print(f"captured {stats['rows']} rows x {len(stats['sites'])} sites to {stats['path']} "
-          f"({stats['status']})")
-    print(f"  raw {_gb(stats['raw_bytes'])}, stored {_gb(stats['stored_bytes'])}, "
-          f"ratio {stats['compression_ratio']:.2f}, {stats['gbps']:.3f} GB/s, "
-          f"stalled {stats['stall_seconds']:.2f} s, peak buffer {_gb(stats['peak_buffered_bytes'])}")
+    print(
+        f"captured {stats['rows']} rows x {len(stats['sites'])} sites to {stats['path']} "
+        f"({stats['status']})"
+    )
+    print(
+        f"  raw {_gb(stats['raw_bytes'])}, stored {_gb(stats['stored_bytes'])}, "
+        f"ratio {stats['compression_ratio']:.2f}, {stats['gbps']:.3f} GB/s, "
+        f"stalled {stats['stall_seconds']:.2f} s, peak buffer {_gb(stats['peak_buffered_bytes'])}"
+    )
     for g in stats["generations"][:4]:
         print(f"  {g['prompt']!r} -> {g['continuation'][:60]!r}")
     return EXIT_OK
@@ -173,19 +187,30 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  status   {info['status']}" + (f"  error: {info['error']}" if info["error"] else ""))
     print(f"  rows     {info['rows']}  (chunk_rows {info['chunk_rows']})")
     comp = info["compression"]
-    print(f"  codec    {comp['cname'] or 'none'}" + (f" level {comp['clevel']}" if comp["cname"] else "")
-          + (f", {comp['checksum']}" if comp["checksum"] else ""))
-    print(f"  size     raw {_gb(info['raw_bytes'])}, stored {_gb(info['stored_bytes'])}"
-          + (f", ratio {ratio:.2f}" if ratio else ""))
+    print(
+        f"  codec    {comp['cname'] or 'none'}"
+        + (f" level {comp['clevel']}" if comp["cname"] else "")
+        + (f", {comp['checksum']}" if comp["checksum"] else "")
+    )
+    print(
+        f"  size     raw {_gb(info['raw_bytes'])}, stored {_gb(info['stored_bytes'])}"
+        + (f", ratio {ratio:.2f}" if ratio else "")
+    )
     model = info["model"]
     if model:
-        print(f"  model    {model.get('class')} ({model.get('model_type')}), {model.get('num_parameters')} parameters")
-    print(f"  {'site':<36} {'kind':<9} {'layer':>5} {'dtype':<8} {'shape':<10} {'stored':>10} {'ratio':>6}")
+        print(
+            f"  model    {model.get('class')} ({model.get('model_type')}), {model.get('num_parameters')} parameters"
+        )
+    print(
+        f"  {'site':<36} {'kind':<9} {'layer':>5} {'dtype':<8} {'shape':<10} {'stored':>10} {'ratio':>6}"
+    )
     for s in info["sites"]:
         r = s["compression_ratio"]
-        print(f"  {s['name']:<36} {s['kind']:<9} {s['layer'] if s['layer'] is not None else '-':>5} "
-              f"{s['dtype']:<8} {'x'.join(map(str, s['feature_shape'])):<10} {_gb(s['stored_bytes']):>10} "
-              f"{(f'{r:.2f}' if r else '-'):>6}")
+        print(
+            f"  {s['name']:<36} {s['kind']:<9} {s['layer'] if s['layer'] is not None else '-':>5} "
+            f"{s['dtype']:<8} {'x'.join(map(str, s['feature_shape'])):<10} {_gb(s['stored_bytes']):>10} "
+            f"{(f'{r:.2f}' if r else '-'):>6}"
+        )
     return EXIT_OK
 
 
@@ -204,7 +229,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from llminstr.tools import convert
 
-    compression = "keep" if args.compression == "keep" else (None if args.compression == "none" else args.compression)
+    compression = (
+        "keep"
+        if args.compression == "keep"
+        else (None if args.compression == "none" else args.compression)
+    )
     bar = _bar(args, "convert", "rows")
     last = [0]
 
@@ -215,8 +244,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
             last[0] = done
 
     try:
-        convert(args.src, args.dst, backend=args.backend, compression=compression,
-                overwrite=args.overwrite, on_progress=progress)
+        convert(
+            args.src,
+            args.dst,
+            backend=args.backend,
+            compression=compression,
+            overwrite=args.overwrite,
+            on_progress=progress,
+        )
     finally:
         if bar is not None:
             bar.close()
@@ -242,11 +277,15 @@ def _sae_options(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
-def run_analysis(path: str, out_dir: Path, args: argparse.Namespace, model: Any = None) -> dict[str, Any]:
+def run_analysis(
+    path: str, out_dir: Path, args: argparse.Namespace, model: Any = None
+) -> dict[str, Any]:
     from llminstr.analysis import analyze_activations
     from llminstr.report import compute_with_progress, write_analysis
 
-    include = tuple(args.include) if args.include else ("statistics", "sae_features", "causal_graph")
+    include = (
+        tuple(args.include) if args.include else ("statistics", "sae_features", "causal_graph")
+    )
     result = analyze_activations(
         path,
         sites=args.sites or None,
@@ -263,15 +302,19 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(str(args.path).rstrip("/") + ".analysis")
     t = time.perf_counter()
     run_analysis(args.path, out, args)
-    print(f"analysis of {args.path} written to {out}/ in {time.perf_counter() - t:.1f} s "
-          "(analysis.json, sae/ weights as safetensors)")
+    print(
+        f"analysis of {args.path} written to {out}/ in {time.perf_counter() - t:.1f} s "
+        "(analysis.json, sae/ weights as safetensors)"
+    )
     return EXIT_OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from llminstr.report import build_report
 
-    analysis = Path(args.analysis) if args.analysis else Path(str(args.path).rstrip("/") + ".analysis")
+    analysis = (
+        Path(args.analysis) if args.analysis else Path(str(args.path).rstrip("/") + ".analysis")
+    )
     if not (analysis / "analysis.json").is_file():
         raise LlminstrError(
             f"no analysis at {str(analysis)!r}: run `llminstr analyze {args.path}` first or pass --analysis"
@@ -288,17 +331,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     capture_path = out / "capture.zarr"
-    print(f"[1/3] capturing ALL-granularity activations of the embedded demo model during generate() -> {capture_path}")
+    print(
+        f"[1/3] capturing ALL-granularity activations of the embedded demo model during generate() -> {capture_path}"
+    )
     ns = argparse.Namespace(
-        model="demo", prompt=demo_prompts(args.prompts), device="cpu", dtype="float32", seed=0, granularity="all", compression="lz4",
-        target_gbps=2.0, max_memory_gb=args.max_memory_gb, layers=None, module=None, chunk_rows=256,
-        storage_dtype=None, backend=None, quiet=args.quiet, prompts_file=None,
-        output=str(capture_path), overwrite=True, batch_size=16, max_new_tokens=args.max_new_tokens,
-        sample=False, temperature=1.0,
+        model="demo",
+        prompt=demo_prompts(args.prompts),
+        device="cpu",
+        dtype="float32",
+        seed=0,
+        granularity="all",
+        compression="lz4",
+        target_gbps=2.0,
+        max_memory_gb=args.max_memory_gb,
+        layers=None,
+        module=None,
+        chunk_rows=256,
+        storage_dtype=None,
+        backend=None,
+        quiet=args.quiet,
+        prompts_file=None,
+        output=str(capture_path),
+        overwrite=True,
+        batch_size=16,
+        max_new_tokens=args.max_new_tokens,
+        sample=False,
+        temperature=1.0,
     )
     stats = run_capture(ns)
-    print(f"      {stats['rows']} rows x {len(stats['sites'])} sites, raw {_gb(stats['raw_bytes'])}, "
-          f"stored {_gb(stats['stored_bytes'])} (ratio {stats['compression_ratio']:.2f})")
+    print(
+        f"      {stats['rows']} rows x {len(stats['sites'])} sites, raw {_gb(stats['raw_bytes'])}, "
+        f"stored {_gb(stats['stored_bytes'])} (ratio {stats['compression_ratio']:.2f})"
+    )
     for g in stats["generations"][:3]:
         print(f"      {g['prompt']!r} -> {g['continuation'][:50]!r}")
     print("[2/3] analysing: statistics, sparse-autoencoder features, causal graph")
@@ -306,8 +370,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     model, _tok = load_demo_model()
     analysis_dir = out / "analysis"
-    an_args = argparse.Namespace(include=None, sites=None, quiet=args.quiet, sae_n_features=256,
-                                 sae_k=8, sae_steps=args.sae_steps, sae_seed=0)
+    an_args = argparse.Namespace(
+        include=None,
+        sites=None,
+        quiet=args.quiet,
+        sae_n_features=256,
+        sae_k=8,
+        sae_steps=args.sae_steps,
+        sae_seed=0,
+    )
     computed = run_analysis(str(capture_path), analysis_dir, an_args, model=model)
     print("[3/3] writing the HTML report")
     report = build_report(capture_path, analysis_dir, out / "report.html")
@@ -329,25 +400,73 @@ def _headlines(computed: dict[str, Any]) -> list[str]:
 
 # --------------------------------------------------------------------------- parser
 def _add_capture_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="demo", help="'demo' (embedded model), a local HF model directory, or a hub name when online (default: demo)")
-    p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: a few built-in prompts")
+    p.add_argument(
+        "--model",
+        default="demo",
+        help="'demo' (embedded model), a local HF model directory, or a hub name when online (default: demo)",
+    )
+    p.add_argument(
+        "--prompt", action="append", help="a prompt (repeatable); default: a few built-in prompts"
+    )
     p.add_argument("--prompts-file", help="a UTF-8 file with one prompt per line")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt (default 32)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate() call (default 8)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=32, help="tokens generated per prompt (default 32)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=8, help="prompts per generate() call (default 8)"
+    )
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
+    p.add_argument(
+        "--temperature", type=float, default=1.0, help="sampling temperature (with --sample)"
+    )
     p.add_argument("--seed", type=int, default=0, help="torch seed (default 0)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model dtype")
-    p.add_argument("--granularity", default="all", choices=["all", "attention_only", "ffn_only"], help="which components to capture (default all)")
-    p.add_argument("--layers", type=int, nargs="+", help="layer indices to capture (negative counts from the end)")
-    p.add_argument("--module", action="append", help="explicit module path to capture (repeatable; overrides --granularity)")
-    p.add_argument("--compression", default="lz4", choices=["lz4", "zstd", "none"], help="chunk codec (default lz4)")
-    p.add_argument("--max-memory-gb", type=float, default=2.0, help="host memory for buffering, GB (default 2)")
-    p.add_argument("--target-gbps", type=float, default=2.0, help="capture rate the pipeline is sized for, GB/s")
-    p.add_argument("--chunk-rows", type=int, help="rows per storage chunk (default: automatic, recorded)")
-    p.add_argument("--storage-dtype", choices=["float32", "float16", "bfloat16"], help="cast activations before storing")
-    p.add_argument("--backend", choices=["zarr", "hdf5"], help="default: from the output suffix (.zarr / .h5)")
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model dtype"
+    )
+    p.add_argument(
+        "--granularity",
+        default="all",
+        choices=["all", "attention_only", "ffn_only"],
+        help="which components to capture (default all)",
+    )
+    p.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        help="layer indices to capture (negative counts from the end)",
+    )
+    p.add_argument(
+        "--module",
+        action="append",
+        help="explicit module path to capture (repeatable; overrides --granularity)",
+    )
+    p.add_argument(
+        "--compression",
+        default="lz4",
+        choices=["lz4", "zstd", "none"],
+        help="chunk codec (default lz4)",
+    )
+    p.add_argument(
+        "--max-memory-gb", type=float, default=2.0, help="host memory for buffering, GB (default 2)"
+    )
+    p.add_argument(
+        "--target-gbps",
+        type=float,
+        default=2.0,
+        help="capture rate the pipeline is sized for, GB/s",
+    )
+    p.add_argument(
+        "--chunk-rows", type=int, help="rows per storage chunk (default: automatic, recorded)"
+    )
+    p.add_argument(
+        "--storage-dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help="cast activations before storing",
+    )
+    p.add_argument(
+        "--backend", choices=["zarr", "hdf5"], help="default: from the output suffix (.zarr / .h5)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -360,10 +479,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="capture + analyse + report on the embedded demo model")
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
-    p.add_argument("--prompts", type=int, default=64, help="prompts taken from Python's docs (default 64)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default 64)"
+    )
+    p.add_argument(
+        "--prompts", type=int, default=64, help="prompts taken from Python's docs (default 64)"
+    )
     p.add_argument("--sae-steps", type=int, default=300, help="SAE training steps (default 300)")
-    p.add_argument("--max-memory-gb", type=float, default=1.0, help="capture memory budget, GB (default 1)")
+    p.add_argument(
+        "--max-memory-gb", type=float, default=1.0, help="capture memory budget, GB (default 1)"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
@@ -380,15 +505,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("validate", help="full conformance check; exit 1 when the capture is invalid")
+    p = sub.add_parser(
+        "validate", help="full conformance check; exit 1 when the capture is invalid"
+    )
     p.add_argument("path")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("analyze", help="statistics, SAE features and causal graph -> JSON + safetensors")
+    p = sub.add_parser(
+        "analyze", help="statistics, SAE features and causal graph -> JSON + safetensors"
+    )
     p.add_argument("path")
     p.add_argument("--out", help="output folder (default PATH.analysis)")
     p.add_argument("--sites", nargs="+", help="sites to analyse (default all)")
-    p.add_argument("--include", nargs="+", choices=["statistics", "sae_features", "causal_graph"], help="parts to run (default all)")
+    p.add_argument(
+        "--include",
+        nargs="+",
+        choices=["statistics", "sae_features", "causal_graph"],
+        help="parts to run (default all)",
+    )
     p.add_argument("--sae-n-features", type=int, help="SAE dictionary size")
     p.add_argument("--sae-k", type=int, help="active SAE features per row")
     p.add_argument("--sae-steps", type=int, help="SAE training steps")
@@ -406,7 +540,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("dst", help="destination; the backend follows its suffix unless --backend")
     p.add_argument("--backend", choices=["zarr", "hdf5"])
-    p.add_argument("--compression", default="keep", choices=["keep", "lz4", "zstd", "none"], help="codec of the copy (default: keep the source's)")
+    p.add_argument(
+        "--compression",
+        default="keep",
+        choices=["keep", "lz4", "zstd", "none"],
+        help="codec of the copy (default: keep the source's)",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
@@ -430,7 +569,10 @@ def _quiet_transformers() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     _quiet_transformers()
     try:
         code: int = args.func(args)

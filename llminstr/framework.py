@@ -61,7 +61,9 @@ class InstrumentationFramework:
         if config is None:
             config = InstrumentationConfig()
         if not isinstance(config, InstrumentationConfig):
-            raise ConfigError(f"config must be an InstrumentationConfig; got {type(config).__name__}")
+            raise ConfigError(
+                f"config must be an InstrumentationConfig; got {type(config).__name__}"
+            )
         self.config = config
         self.model: torch.nn.Module | None = None
         self._sites: list[tuple[SiteSpec, torch.nn.Module]] = []
@@ -73,7 +75,9 @@ class InstrumentationFramework:
         """Find the sites to capture in ``model`` (by architecture, name fallback, or the
         config's ``module_names``). Returns them in model order. The model is not modified."""
         if not isinstance(model, torch.nn.Module):
-            raise ConfigError(f"instrument_model needs a torch.nn.Module; got {type(model).__name__}")
+            raise ConfigError(
+                f"instrument_model needs a torch.nn.Module; got {type(model).__name__}"
+            )
         if self._session is not None:
             raise CaptureStateError("cannot re-instrument while a capture is active")
         specs = find_sites(
@@ -184,7 +188,9 @@ class InstrumentationFramework:
         return report
 
     # ------------------------------------------------------------------ analyse
-    def analyze_activations(self, data_path: str | os.PathLike[str], **options: Any) -> dict[str, Any]:
+    def analyze_activations(
+        self, data_path: str | os.PathLike[str], **options: Any
+    ) -> dict[str, Any]:
         """Lazy analyses of a capture (see :func:`llminstr.analysis.analyze_activations`).
         The instrumented model, when there is one, enables the interventional causal graph."""
         from llminstr.analysis import analyze_activations

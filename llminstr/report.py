@@ -60,7 +60,10 @@ def write_analysis(computed: Mapping[str, Any], out_dir: str | os.PathLike[str])
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    doc: dict[str, Any] = {"capture": computed.get("capture"), "statistics": computed.get("statistics")}
+    doc: dict[str, Any] = {
+        "capture": computed.get("capture"),
+        "statistics": computed.get("statistics"),
+    }
     sae = computed.get("sae_features")
     if sae is not None:
         save_sae(sae, out / "sae")
@@ -123,7 +126,9 @@ def headlines(computed: Mapping[str, Any]) -> list[str]:
         edges = sorted(graph["edges"], key=lambda e: -abs(e["weight"] or 0))
         if edges:
             e = edges[0]
-            lines.append(f"strongest {graph['method']} edge: {e['source']} -> {e['target']} ({e['weight']:.3g})")
+            lines.append(
+                f"strongest {graph['method']} edge: {e['source']} -> {e['target']} ({e['weight']:.3g})"
+            )
     return lines
 
 
@@ -149,8 +154,13 @@ def token_decoder(model_desc: Mapping[str, Any]) -> Callable[[list[int]], str]:
     return lambda ids: " ".join(f"[{i}]" for i in ids)
 
 
-def _contexts(capture: Any, examples: Mapping[str, Any], features: list[int], width: int,
-              decode: Callable[[list[int]], str]) -> dict[int, list[tuple[str, str, float]]]:
+def _contexts(
+    capture: Any,
+    examples: Mapping[str, Any],
+    features: list[int],
+    width: int,
+    decode: Callable[[list[int]], str],
+) -> dict[int, list[tuple[str, str, float]]]:
     """For each feature, its top rows as (context before, the token, activation)."""
     table = capture.token_table()
     seq, pos, ids = table["sequence"], table["position"], table["token_id"]
@@ -172,7 +182,9 @@ def _contexts(capture: Any, examples: Mapping[str, Any], features: list[int], wi
 
 
 # --------------------------------------------------------------------------- plots
-def _plots(capture_summary: Mapping[str, Any], analysis: Mapping[str, Any], out: Path) -> dict[str, str]:
+def _plots(
+    capture_summary: Mapping[str, Any], analysis: Mapping[str, Any], out: Path
+) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -205,8 +217,13 @@ def _plots(capture_summary: Mapping[str, Any], analysis: Mapping[str, Any], out:
         names = [s["name"] for s in sites if s["name"] in stats]
         for i, name in enumerate(names):
             st = stats[name]
-            max_abs, rms = np.asarray(st["max_abs"], float).ravel(), np.asarray(st["rms"], float).ravel()
-            scores = np.maximum(max_abs / max(np.median(max_abs), 1e-30), rms / max(np.median(rms), 1e-30))
+            max_abs, rms = (
+                np.asarray(st["max_abs"], float).ravel(),
+                np.asarray(st["rms"], float).ravel(),
+            )
+            scores = np.maximum(
+                max_abs / max(np.median(max_abs), 1e-30), rms / max(np.median(rms), 1e-30)
+            )
             high = scores > float(st.get("outlier_factor", 6.0))
             ax.scatter(np.full(int((~high).sum()), i), scores[~high], s=4, color="0.6")
             ax.scatter(np.full(int(high.sum()), i), scores[high], s=14, color="crimson")
@@ -256,7 +273,11 @@ def _draw_graph(graph: Mapping[str, Any], path: Path) -> str:
         else:
             layer = n.get("layer") if n.get("layer") is not None else n["order"]
             pos[n["name"]] = (float(layer), float(rows.get(n.get("kind") or "other", 3)))
-    edges = [e for e in graph["edges"] if e["weight"] is not None and e["source"] in pos and e["target"] in pos]
+    edges = [
+        e
+        for e in graph["edges"]
+        if e["weight"] is not None and e["source"] in pos and e["target"] in pos
+    ]
     fig, ax = plt.subplots(figsize=(9, 4.2))
     if edges:
         top = max(abs(e["weight"]) for e in edges) or 1.0
@@ -264,12 +285,27 @@ def _draw_graph(graph: Mapping[str, Any], path: Path) -> str:
         for e in shown:
             (x0, y0), (x1, y1) = pos[e["source"]], pos[e["target"]]
             w = abs(e["weight"]) / top
-            ax.annotate("", xy=(x1, y1), xytext=(x0, y0),
-                        arrowprops={"arrowstyle": "->", "lw": 0.5 + 3 * w, "alpha": 0.25 + 0.7 * w,
-                                    "color": "navy", "connectionstyle": "arc3,rad=0.15"})
+            ax.annotate(
+                "",
+                xy=(x1, y1),
+                xytext=(x0, y0),
+                arrowprops={
+                    "arrowstyle": "->",
+                    "lw": 0.5 + 3 * w,
+                    "alpha": 0.25 + 0.7 * w,
+                    "color": "navy",
+                    "connectionstyle": "arc3,rad=0.15",
+                },
+            )
     for name, (x, y) in pos.items():
         ax.scatter([x], [y], s=160, color="gold", edgecolor="k", zorder=3)
-        ax.text(x, y + 0.18, name.split(".")[-1] if name != "logits" else "logits", ha="center", fontsize=7)
+        ax.text(
+            x,
+            y + 0.18,
+            name.split(".")[-1] if name != "logits" else "logits",
+            ha="center",
+            fontsize=7,
+        )
     used = sorted({int(y) for _x, y in pos.values()})
     ax.set_yticks(used, [k for k, v in rows.items() if v in used])
     _integer_ticks(ax)
@@ -294,8 +330,11 @@ def _save(fig: Any, path: Path) -> str:
 
 
 # --------------------------------------------------------------------------- html
-def build_report(capture_path: str | os.PathLike[str], analysis_dir: str | os.PathLike[str],
-                 out_html: str | os.PathLike[str]) -> Path:
+def build_report(
+    capture_path: str | os.PathLike[str],
+    analysis_dir: str | os.PathLike[str],
+    out_html: str | os.PathLike[str],
+) -> Path:
     """Write an HTML report (with PNG plots beside it) for a capture and its analysis."""
     from llminstr.reader import open_capture
     from llminstr.tools import summary
@@ -319,8 +358,11 @@ def build_report(capture_path: str | os.PathLike[str], analysis_dir: str | os.Pa
         f"<td>{info['stored_bytes'] / 1e6:.2f} MB</td><td>{(info['compression_ratio'] or 0):.2f}</td>"
         f"<td>{e(str(info['model'].get('class')))} ({e(str(info['model'].get('model_type')))})</td></tr></table>",
     ]
-    for key, title in (("norms", "Norm profile"), ("outliers", "Outlier dimensions"),
-                       ("compression", "Compression per site")):
+    for key, title in (
+        ("norms", "Norm profile"),
+        ("outliers", "Outlier dimensions"),
+        ("compression", "Compression per site"),
+    ):
         if key in files:
             parts.append(f"<h2>{title}</h2><img src='{files[key]}' alt='{title}'>")
     sae = analysis.get("sae_features")
@@ -334,15 +376,22 @@ def build_report(capture_path: str | os.PathLike[str], analysis_dir: str | os.Pa
         if "sae_frequency" in files:
             parts.append(f"<img src='{files['sae_frequency']}' alt='SAE frequency'>")
         freq = np.asarray(sae["feature_frequency"], dtype=float)
-        features = [int(i) for i in np.argsort(-freq)[:: max(1, len(freq) // 12)][:12] if freq[i] > 0]
+        features = [
+            int(i) for i in np.argsort(-freq)[:: max(1, len(freq) // 12)][:12] if freq[i] > 0
+        ]
         decode = token_decoder(cap.metadata.get("model", {}))
         contexts = _contexts(cap, sae["top_examples"], features, 12, decode)
-        parts.append("<h3>Top-activating tokens per feature</h3><table><tr><th>feature</th><th>freq</th><th>top contexts (token highlighted, activation)</th></tr>")
+        parts.append(
+            "<h3>Top-activating tokens per feature</h3><table><tr><th>feature</th><th>freq</th><th>top contexts (token highlighted, activation)</th></tr>"
+        )
         for f in features:
             cells = " &nbsp;|&nbsp; ".join(
-                f"{e(before[-24:])}<span class='tok'>{e(tok)}</span> ({v:.2f})" for before, tok, v in contexts[f]
+                f"{e(before[-24:])}<span class='tok'>{e(tok)}</span> ({v:.2f})"
+                for before, tok, v in contexts[f]
             )
-            parts.append(f"<tr><td>{f}</td><td>{freq[f]:.3f}</td><td><code>{cells}</code></td></tr>")
+            parts.append(
+                f"<tr><td>{f}</td><td>{freq[f]:.3f}</td><td><code>{cells}</code></td></tr>"
+            )
         parts.append("</table>")
     graph = analysis.get("causal_graph")
     if graph:
@@ -351,9 +400,14 @@ def build_report(capture_path: str | os.PathLike[str], analysis_dir: str | os.Pa
             parts.append(f"<img src='{files['causal']}' alt='causal graph'>")
         edges = sorted(graph["edges"], key=lambda x: -abs(x["weight"] or 0))[:10]
         parts.append("<table><tr><th>source</th><th>target</th><th>weight</th></tr>")
-        parts += [f"<tr><td>{e(x['source'])}</td><td>{e(x['target'])}</td><td>{x['weight']:.4g}</td></tr>" for x in edges]
+        parts += [
+            f"<tr><td>{e(x['source'])}</td><td>{e(x['target'])}</td><td>{x['weight']:.4g}</td></tr>"
+            for x in edges
+        ]
         parts.append("</table>")
-    parts.append("<p style='color:#777'>Written by llminstr. Data: analysis.json and sae/ beside this file.</p></body></html>")
+    parts.append(
+        "<p style='color:#777'>Written by llminstr. Data: analysis.json and sae/ beside this file.</p></body></html>"
+    )
     out.write_text("\n".join(parts), encoding="utf-8")
     cap.close()
     return out

@@ -20,7 +20,9 @@ def stored_bytes(capture: Capture, key: str) -> int:
         root = capture.path / key / "c"
         total = 0
         for dirpath, _dirs, files in os.walk(root):
-            total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files if not f.startswith("."))
+            total += sum(
+                os.path.getsize(os.path.join(dirpath, f)) for f in files if not f.startswith(".")
+            )
         return total
     import h5py
     import hdf5plugin  # noqa: F401

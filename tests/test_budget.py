@@ -68,12 +68,24 @@ def test_pooled_writer_buffers_are_reclaimed_for_another_consumer(tmp_path: Path
     """The writer keeps finished chunk buffers for reuse (inside the budget); a second
     consumer of the same budget (the CUDA stager's slabs) must get them back, not wait."""
     budget = MemoryBudget(8 << 20)
-    w = CaptureWriter(tmp_path / "c.zarr", [SiteInfo("s", (1024,))], chunk_rows=64,
-                      budget=budget, encoder_threads=1)
+    w = CaptureWriter(
+        tmp_path / "c.zarr",
+        [SiteInfo("s", (1024,))],
+        chunk_rows=64,
+        budget=budget,
+        encoder_threads=1,
+    )
     rows = np.ones((64 * 20, 1024), np.float32)
     n = len(rows)
-    w.append({"token_id": np.zeros(n, int), "sequence": np.zeros(n, int),
-              "position": np.arange(n), "step": np.zeros(n, int)}, {"s": rows})
+    w.append(
+        {
+            "token_id": np.zeros(n, int),
+            "sequence": np.zeros(n, int),
+            "position": np.arange(n),
+            "step": np.zeros(n, int),
+        },
+        {"s": rows},
+    )
     w.commit()
     assert w._pooled_bytes > 0, "finished buffers should be pooled"
     held = budget.used

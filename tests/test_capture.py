@@ -24,33 +24,75 @@ def _tiny(arch: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, **common)
         model = transformers.GPT2LMHeadModel(cfg)
     elif arch == "llama":
-        cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, **common)
+        cfg = transformers.LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **common,
+        )
         model = transformers.LlamaForCausalLM(cfg)
     elif arch == "qwen2":
-        cfg = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, **common)
+        cfg = transformers.Qwen2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **common,
+        )
         model = transformers.Qwen2ForCausalLM(cfg)
     elif arch == "gpt_neox":
-        cfg = transformers.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, **common)
+        cfg = transformers.GPTNeoXConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            **common,
+        )
         model = transformers.GPTNeoXForCausalLM(cfg)
     elif arch == "opt":
-        cfg = transformers.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2,
-                                     num_attention_heads=4, word_embed_proj_dim=32,
-                                     max_position_embeddings=64, **common)
+        cfg = transformers.OPTConfig(
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=32,
+            max_position_embeddings=64,
+            **common,
+        )
         model = transformers.OPTForCausalLM(cfg)
     elif arch == "mistral":
-        cfg = transformers.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, **common)
+        cfg = transformers.MistralConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **common,
+        )
         model = transformers.MistralForCausalLM(cfg)
     elif arch == "gemma":
-        cfg = transformers.GemmaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, **common)
+        cfg = transformers.GemmaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            **common,
+        )
         model = transformers.GemmaForCausalLM(cfg)
     elif arch == "phi3":
-        cfg = transformers.Phi3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, **common)
+        cfg = transformers.Phi3Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **common,
+        )
         model = transformers.Phi3ForCausalLM(cfg)
     else:  # pragma: no cover
         raise ValueError(arch)
@@ -64,11 +106,19 @@ MASK[1] = 1  # row 1 has no padding
 
 def _generate(model: torch.nn.Module, new: int = 4) -> torch.Tensor:
     with torch.no_grad():
-        return model.generate(PROMPTS, attention_mask=MASK, max_new_tokens=new, do_sample=False,
-                              pad_token_id=0, eos_token_id=None)
+        return model.generate(
+            PROMPTS,
+            attention_mask=MASK,
+            max_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
 
 
-def _reference_rows(model: torch.nn.Module, modules: dict[str, torch.nn.Module]) -> dict[str, np.ndarray]:
+def _reference_rows(
+    model: torch.nn.Module, modules: dict[str, torch.nn.Module]
+) -> dict[str, np.ndarray]:
     """Independent hooks: record every output, then keep real tokens by a plain loop."""
     outputs: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
     masks: list[torch.Tensor] = []
@@ -78,9 +128,11 @@ def _reference_rows(model: torch.nn.Module, modules: dict[str, torch.nn.Module])
 
     handles = [model.register_forward_pre_hook(pre, with_kwargs=True)]
     for name, mod in modules.items():
+
         def hook(m, a, out, name=name):
             t = out[0] if isinstance(out, tuple) else out
             outputs[name].append(t.detach().clone())
+
         handles.append(mod.register_forward_hook(hook))
     try:
         _generate(model)
@@ -144,7 +196,7 @@ def _check_rows_match(arch: str, dtype: torch.dtype, path) -> None:
         assert info["module_class"] == type(modules[s.module_path]).__name__
     tok = cap.token_table()
     # generated tokens appear in the token_id column at their positions
-    gen = captured[:, PROMPTS.shape[1]:]
+    gen = captured[:, PROMPTS.shape[1] :]
     for b in range(3):
         sel = tok["sequence"] == b
         ids = tok["token_id"][sel][np.argsort(tok["position"][sel])]
@@ -157,7 +209,9 @@ def test_token_columns_and_sequences_across_calls(tmp_path) -> None:
     fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1, chunk_rows=4))
     fw.instrument_model(model)
     with fw.capture_activations(tmp_path / "c.zarr"), torch.no_grad():
-        model.generate(PROMPTS, attention_mask=MASK, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        model.generate(
+            PROMPTS, attention_mask=MASK, max_new_tokens=3, do_sample=False, pad_token_id=0
+        )
         model(torch.tensor([[3, 4, 5, 6]]))  # a plain forward call: one new sequence
     tok = open_capture(tmp_path / "c.zarr").token_table()
     # prefill: 3 + 6 + 5 real tokens in batch order, left padding skipped
@@ -193,10 +247,13 @@ def test_outputs_identical_and_hooks_removed(tmp_path) -> None:
     assert fw.model is None and fw.sites == []
 
 
-@pytest.mark.parametrize("granularity,kinds", [
-    (HookGranularity.ATTENTION_ONLY, {"attention"}),
-    (HookGranularity.FFN_ONLY, {"ffn"}),
-])
+@pytest.mark.parametrize(
+    "granularity,kinds",
+    [
+        (HookGranularity.ATTENTION_ONLY, {"attention"}),
+        (HookGranularity.FFN_ONLY, {"ffn"}),
+    ],
+)
 def test_granularity_selects_kinds(granularity, kinds, tmp_path) -> None:
     model = _tiny("qwen2")
     fw = InstrumentationFramework(InstrumentationConfig(granularity=granularity, max_memory_gb=0.1))
@@ -241,7 +298,10 @@ def test_keyboard_interrupt_marks_aborted(tmp_path) -> None:
 
 def test_state_errors(tmp_path) -> None:
     fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1))
-    with pytest.raises(CaptureStateError, match="instrument_model"), fw.capture_activations(tmp_path / "x.zarr"):
+    with (
+        pytest.raises(CaptureStateError, match="instrument_model"),
+        fw.capture_activations(tmp_path / "x.zarr"),
+    ):
         pass
     fw.instrument_model(_tiny("gpt2"))
     with (
@@ -307,7 +367,10 @@ def test_layers_subset_and_module_names(tmp_path) -> None:
     assert [s.name for s in fw.instrument_model(model)] == ["model.layers.0.mlp.down_proj"]
     with fw.capture_activations(tmp_path / "c.zarr"), torch.no_grad():
         model(torch.randint(3, 90, (1, 6)))
-    assert open_capture(tmp_path / "c.zarr").activations("model.layers.0.mlp.down_proj").shape == (6, 32)
+    assert open_capture(tmp_path / "c.zarr").activations("model.layers.0.mlp.down_proj").shape == (
+        6,
+        32,
+    )
 
 
 def test_site_running_twice_is_an_error(tmp_path) -> None:
@@ -323,12 +386,17 @@ def test_site_running_twice_is_an_error(tmp_path) -> None:
     fw = InstrumentationFramework(InstrumentationConfig(module_names=("layer",), max_memory_gb=0.1))
     model = Twice()
     fw.instrument_model(model)
-    with pytest.raises(LlminstrError, match="ran twice"), fw.capture_activations(tmp_path / "c.zarr"):
+    with (
+        pytest.raises(LlminstrError, match="ran twice"),
+        fw.capture_activations(tmp_path / "c.zarr"),
+    ):
         model(torch.tensor([[1, 2, 3]]))
 
 
 def test_config_validation_messages() -> None:
-    with pytest.raises(ConfigError, match=r"compression_algorithm must be one of 'lz4', 'zstd', None; got 'gzip'"):
+    with pytest.raises(
+        ConfigError, match=r"compression_algorithm must be one of 'lz4', 'zstd', None; got 'gzip'"
+    ):
         InstrumentationConfig(compression_algorithm="gzip")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="max_memory_gb must be a positive number; got -1"):
         InstrumentationConfig(max_memory_gb=-1)
@@ -428,7 +496,10 @@ def test_bad_output_path_fails_before_the_model_runs(tmp_path) -> None:  # type:
     calls = []
     handle = model.register_forward_pre_hook(lambda *a: calls.append(1))
     (tmp_path / "exists.zarr").mkdir()
-    with pytest.raises(CaptureExistsError, match="overwrite=True"), fw.capture_activations(tmp_path / "exists.zarr"):
+    with (
+        pytest.raises(CaptureExistsError, match="overwrite=True"),
+        fw.capture_activations(tmp_path / "exists.zarr"),
+    ):
         model(torch.randint(3, 90, (1, 4)))
     with pytest.raises(ConfigError, match="suffix"), fw.capture_activations(tmp_path / "run.bin"):
         model(torch.randint(3, 90, (1, 4)))

@@ -17,8 +17,21 @@ from llminstr.reader import open_capture
 @pytest.fixture(scope="module")
 def capture(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("cli") / "run.zarr"
-    code = main(["capture", str(path), "--prompt", "The with statement", "--prompt", "Lambdas",
-                 "--max-new-tokens", "6", "--chunk-rows", "16", "-q"])
+    code = main(
+        [
+            "capture",
+            str(path),
+            "--prompt",
+            "The with statement",
+            "--prompt",
+            "Lambdas",
+            "--max-new-tokens",
+            "6",
+            "--chunk-rows",
+            "16",
+            "-q",
+        ]
+    )
     assert code == EXIT_OK
     return path
 
@@ -42,7 +55,9 @@ def test_info_json_and_text(capture: Path, capsys: pytest.CaptureFixture[str]) -
     assert "status   complete" in text and "transformer.h.3" in text
 
 
-def test_validate_ok_then_corrupt(capture: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_validate_ok_then_corrupt(
+    capture: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["validate", str(capture)]) == EXIT_OK
     broken = tmp_path / "broken.zarr"
     shutil.copytree(capture, broken)
@@ -56,7 +71,9 @@ def test_validate_ok_then_corrupt(capture: Path, tmp_path: Path, capsys: pytest.
     assert "chunk 0 of site 'transformer.h.2'" in err and "CRC32C" in err
 
 
-def test_bad_input_exit_code_and_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_exit_code_and_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["info", str(tmp_path / "missing.zarr")]) == EXIT_ERROR
     assert "does not exist" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "x.zarr")]) == EXIT_ERROR
@@ -75,9 +92,18 @@ def test_convert_round_trip(capture: Path, tmp_path: Path) -> None:
     assert a.sites == b.sites == c.sites and a.num_rows == b.num_rows == c.num_rows
     assert b.status == c.status == "complete"
     for site in a.sites:
-        assert np.array_equal(a.read(site), b.read(site)) and np.array_equal(a.read(site), c.read(site))
+        assert np.array_equal(a.read(site), b.read(site)) and np.array_equal(
+            a.read(site), c.read(site)
+        )
         info_a, info_c = a.site_info(site), c.site_info(site)
-        for key in ("module_path", "layer", "kind", "module_class", "logical_dtype", "feature_shape"):
+        for key in (
+            "module_path",
+            "layer",
+            "kind",
+            "module_class",
+            "logical_dtype",
+            "feature_shape",
+        ):
             assert info_a[key] == info_c[key]
     for col in a.token_columns:
         assert np.array_equal(a.token_table()[col], c.token_table()[col])
@@ -86,14 +112,32 @@ def test_convert_round_trip(capture: Path, tmp_path: Path) -> None:
 
 def test_analyze_and_report(capture: Path, tmp_path: Path) -> None:
     out = tmp_path / "an"
-    assert main(["analyze", str(capture), "--out", str(out), "--sae-steps", "20",
-                 "--sae-n-features", "32", "--sae-k", "4", "-q"]) == EXIT_OK
+    assert (
+        main(
+            [
+                "analyze",
+                str(capture),
+                "--out",
+                str(out),
+                "--sae-steps",
+                "20",
+                "--sae-n-features",
+                "32",
+                "--sae-k",
+                "4",
+                "-q",
+            ]
+        )
+        == EXIT_OK
+    )
     doc = json.loads((out / "analysis.json").read_text())
     assert set(doc) >= {"capture", "statistics", "sae_features", "causal_graph"}
     assert doc["causal_graph"]["method"] == "observational"  # no model at hand from the CLI
     assert (out / "sae" / "sae.safetensors").is_file()
     html_path = tmp_path / "report.html"
-    assert main(["report", str(capture), "--analysis", str(out), "--out", str(html_path)]) == EXIT_OK
+    assert (
+        main(["report", str(capture), "--analysis", str(out), "--out", str(html_path)]) == EXIT_OK
+    )
     page = html_path.read_text()
     for png in ("norms.png", "outliers.png", "compression.png", "sae_frequency.png", "causal.png"):
         assert f"src='{png}'" in page
@@ -104,16 +148,32 @@ def test_analyze_and_report(capture: Path, tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium is not installed")
 def test_report_renders_in_chromium(capture: Path, tmp_path: Path) -> None:
     out = tmp_path / "an"
-    assert main(["analyze", str(capture), "--out", str(out), "--include", "statistics", "-q"]) == EXIT_OK
+    assert (
+        main(["analyze", str(capture), "--out", str(out), "--include", "statistics", "-q"])
+        == EXIT_OK
+    )
     page = tmp_path / "report.html"
     assert main(["report", str(capture), "--analysis", str(out), "--out", str(page)]) == EXIT_OK
     shot = tmp_path / "shot.png"
     subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1000,1400",
-         page.as_uri()],
-        check=True, capture_output=True, timeout=90,
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1000,1400",
+            page.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=90,
     )
     from PIL import Image
 
@@ -124,8 +184,23 @@ def test_report_renders_in_chromium(capture: Path, tmp_path: Path) -> None:
 
 def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--prompts", "6", "--max-new-tokens", "8",
-                 "--sae-steps", "20", "-q"]) == EXIT_OK
+    assert (
+        main(
+            [
+                "demo",
+                "--out",
+                str(out),
+                "--prompts",
+                "6",
+                "--max-new-tokens",
+                "8",
+                "--sae-steps",
+                "20",
+                "-q",
+            ]
+        )
+        == EXIT_OK
+    )
     text = capsys.readouterr().out
     assert "Done. Outputs:" in text and str(out / "report.html") in text
     assert open_capture(out / "capture.zarr").status == "complete"

@@ -50,10 +50,14 @@ def test_api_reference_matches_the_code() -> None:
 
     text = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
     for name in re.findall(r"^## `llminstr\.(\w+)`", text, re.M):
-        assert hasattr(llminstr, name), f"docs/api.md documents llminstr.{name}, which does not exist"
+        assert hasattr(llminstr, name), (
+            f"docs/api.md documents llminstr.{name}, which does not exist"
+        )
     fields = {f.name for f in dataclasses.fields(llminstr.InstrumentationConfig)}
     documented = set(re.findall(r"^\| `(\w+)` \|", text, re.M))
-    assert fields == documented, f"undocumented: {fields - documented}; stale: {documented - fields}"
+    assert fields == documented, (
+        f"undocumented: {fields - documented}; stale: {documented - fields}"
+    )
     import builtins
 
     for err in re.findall(r"`(\w+Error)`", text):

@@ -593,11 +593,16 @@ def test_root_backend_and_compression_must_match_the_arrays(tmp_path):  # type: 
     from llminstr.reader import open_capture
     from llminstr.storage.writer import CaptureWriter
 
-    for field, value, message in (("backend", "hdf5", "backend"), ("compression", None, "compression summary")):
+    for field, value, message in (
+        ("backend", "hdf5", "backend"),
+        ("compression", None, "compression summary"),
+    ):
         path = tmp_path / f"{field}.zarr"
         with CaptureWriter(path, [SiteInfo("s", (4,))], chunk_rows=4) as w:
-            w.append({"token_id": [1], "sequence": [0], "position": [0], "step": [0]},
-                     {"s": np.ones((1, 4), np.float32)})
+            w.append(
+                {"token_id": [1], "sequence": [0], "position": [0], "step": [0]},
+                {"s": np.ones((1, 4), np.float32)},
+            )
         meta = json.loads((path / "zarr.json").read_text())
         doc = meta["attributes"]["llminstr"]
         if field == "backend":
@@ -633,9 +638,13 @@ def test_non_finite_model_metadata_is_written_as_strict_json(tmp_path):  # type:
 
     for suffix in ("zarr", "h5"):
         path = tmp_path / f"c.{suffix}"
-        with CaptureWriter(path, [SiteInfo("s", (2,))], model={"x": float("nan"), "y": (1, 2)}) as w:
-            w.append({"token_id": [1], "sequence": [0], "position": [0], "step": [0]},
-                     {"s": np.ones((1, 2), np.float32)})
+        with CaptureWriter(
+            path, [SiteInfo("s", (2,))], model={"x": float("nan"), "y": (1, 2)}
+        ) as w:
+            w.append(
+                {"token_id": [1], "sequence": [0], "position": [0], "step": [0]},
+                {"s": np.ones((1, 2), np.float32)},
+            )
         assert open_capture(path).metadata["model"] == {"x": None, "y": [1, 2]}
         if suffix == "zarr":
             json.loads((path / "zarr.json").read_text(), parse_constant=lambda c: pytest.fail(c))

@@ -452,7 +452,9 @@ def test_worker_failure_reported_by_close(
     before = llminstr_threads()
     disk_full = OSError("disk full")
     cls = backend_class(backend)
-    fail = FailOnNth(getattr(cls, write_method(backend)), 6, disk_full)  # the first chunk written at close
+    fail = FailOnNth(
+        getattr(cls, write_method(backend)), 6, disk_full
+    )  # the first chunk written at close
     monkeypatch.setattr(cls, write_method(backend), lambda self, *a: fail(self, *a))
     w = CaptureWriter(path, [SiteInfo("a", (8,))], chunk_rows=4, commit_interval_s=1e9)
     w.append(token_columns(3), {"a": rows(3, 8)})

@@ -17,21 +17,37 @@ from llminstr.storage.backends import ArrayDecl, zarr_array_document
 @pytest.mark.parametrize("dtype", ["float32", "float16", "uint16", "int64"])
 @pytest.mark.parametrize("cname", ["lz4", "zstd", None])
 @pytest.mark.parametrize("checksum", [True, False])
-def test_array_document_equals_zarr_python(tmp_path: Path, dtype: str, cname: str | None,
-                                           checksum: bool) -> None:
+def test_array_document_equals_zarr_python(
+    tmp_path: Path, dtype: str, cname: str | None, checksum: bool
+) -> None:
     codec = CodecConfig(cname, None, checksum)
     feature = () if dtype == "int64" else (3, 2)
     names = ["row"] if not feature else ["row", "feature_0", "feature_1"]
     decl = ArrayDecl("activations", "x", dtype, feature, 4, {"dimension_names": names})
     compressors: list[object] = []
     if cname is not None:
-        compressors.append(BloscCodec(cname=cname, clevel=codec.clevel, shuffle="shuffle",
-                                      typesize=np.dtype(dtype).itemsize, blocksize=0))
+        compressors.append(
+            BloscCodec(
+                cname=cname,
+                clevel=codec.clevel,
+                shuffle="shuffle",
+                typesize=np.dtype(dtype).itemsize,
+                blocksize=0,
+            )
+        )
     if checksum:
         compressors.append(Crc32cCodec())
-    zarr.create_array(str(tmp_path / "a"), shape=(0, *feature), chunks=(4, *feature), dtype=dtype,
-                      serializer=BytesCodec(endian="little"), compressors=compressors or None,
-                      fill_value=0, dimension_names=names, attributes={"llminstr": decl.document})
+    zarr.create_array(
+        str(tmp_path / "a"),
+        shape=(0, *feature),
+        chunks=(4, *feature),
+        dtype=dtype,
+        serializer=BytesCodec(endian="little"),
+        compressors=compressors or None,
+        fill_value=0,
+        dimension_names=names,
+        attributes={"llminstr": decl.document},
+    )
     theirs = (tmp_path / "a" / "zarr.json").read_text()
     ours = json.dumps(zarr_array_document(decl, codec), indent=2)
     assert json.loads(theirs) == json.loads(ours)

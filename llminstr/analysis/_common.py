@@ -59,7 +59,9 @@ def resolve_rows(rows: Any, num_rows: int) -> tuple[int, int]:
             f"got {rows!r}"
         )
     for bound in (sl.start, sl.stop):
-        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, np.integer))):
+        if bound is not None and (
+            isinstance(bound, bool) or not isinstance(bound, (int, np.integer))
+        ):
             raise ConfigError(f"rows bounds must be integers or None; got {bound!r} in {rows!r}")
     start, stop, _ = slice(
         None if sl.start is None else int(sl.start), None if sl.stop is None else int(sl.stop)

@@ -354,7 +354,9 @@ class CaptureWriter:
         # wait for memory, so the pool may hold up to half of it.
         self._pool_limit = budget.limit // 2
         budget.add_reclaimer(self._reclaim)
-        self._executor = ThreadPoolExecutor(self.encoder_threads, thread_name_prefix="llminstr-encode")
+        self._executor = ThreadPoolExecutor(
+            self.encoder_threads, thread_name_prefix="llminstr-encode"
+        )
         self._producer_lock = threading.RLock()
         self._state_lock = threading.Lock()
         self._publish_lock = threading.Lock()
@@ -554,8 +556,15 @@ class CaptureWriter:
                 done.add_done_callback(self._forget)
                 written.add_done_callback(
                     functools.partial(
-                        self._write_done, done, state, index, nrows, full, frame_bytes,
-                        buf if raw else None, reserve,
+                        self._write_done,
+                        done,
+                        state,
+                        index,
+                        nrows,
+                        full,
+                        frame_bytes,
+                        buf if raw else None,
+                        reserve,
                     )
                 )
                 raw = reserve = 0
