@@ -268,10 +268,10 @@ class ReadCounter:
         lock = threading.Lock()
         original = _Source.read_chunk
 
-        def counting(src: _Source, index: int) -> np.ndarray:
+        def counting(src: _Source, index: int, out: np.ndarray | None = None) -> np.ndarray:
             with lock:
                 self.counts[(src.key, index)] += 1
-            return original(src, index)
+            return original(src, index, out=out)
 
         monkeypatch.setattr(_Source, "read_chunk", counting)
 
@@ -565,3 +565,85 @@ def test_kernel_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(stats_mod, "KERNEL", "gpu")
     with pytest.raises(ConfigError):
         site_block_partial(np.zeros((2, 3), np.float32), EPS, 0.01)
+
+
+# ---------------------------------------------------------------------- graph shape
+def test_chunk_spans_cover_the_rows_exactly() -> None:
+    from llminstr.analysis.statistics import _chunk_spans
+
+    assert _chunk_spans(0, 100, 32, 2) == [((0, 0, 32), (1, 0, 32)), ((2, 0, 32), (3, 0, 4))]
+    assert _chunk_spans(70, 333, 32, 3) == [
+        ((2, 6, 32), (3, 0, 32), (4, 0, 32)),
+        ((5, 0, 32), (6, 0, 32), (7, 0, 32)),
+        ((8, 0, 32), (9, 0, 32), (10, 0, 13)),
+    ]
+    assert _chunk_spans(5, 6, 32, 4) == [((0, 5, 6),)]
+    for start, stop, cr, per in [(0, 1, 1, 1), (3, 1000, 7, 5), (64, 128, 64, 1)]:
+        rows = [
+            r
+            for span in _chunk_spans(start, stop, cr, per)
+            for i, lo, hi in span
+            for r in range(i * cr + lo, i * cr + hi)
+        ]
+        assert rows == list(range(start, stop))
+        assert all(len(span) <= per for span in _chunk_spans(start, stop, cr, per))
+
+
+def test_block_tasks_group_chunks_and_read_each_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A block task reads a few chunks (TASK_BYTES of them) one at a time; the graph has
+    one block task per group, and the result equals the one-chunk-per-task graph's."""
+    from llminstr.analysis import statistics as stats_mod
+
+    x = make_data(1000, 8)
+    path = tmp_path / "c.zarr"
+    write(path, {"a": x}, chunk_rows=32)  # 32 chunks of 1 KiB
+    outs = {}
+    for task_bytes in (1, 5 * 32 * 8 * 4):  # 1 chunk per task; 5 chunks per task
+        monkeypatch.setattr(stats_mod, "TASK_BYTES", task_bytes)
+        reads = ReadCounter(monkeypatch)
+        site = statistics_for_site(path, "a", eps=EPS)
+        graph = dict(site["mean"].parent.__dask_graph__())
+        blocks = [k for k in graph if isinstance(k, tuple) and "llminstr-stats-" in k[0]]
+        assert len(blocks) == (32 if task_bytes == 1 else 7)
+        outs[task_bytes] = compute(site, scheduler="threads", num_workers=2)
+        assert dict(reads.counts) == {("activations/a", i): 1 for i in range(32)}
+    one, grouped = outs.values()
+    for key in PER_DIM_KEYS:
+        np.testing.assert_allclose(grouped[key], one[key], rtol=1e-12, atol=1e-12)
+    check_site(grouped, x)
+
+
+def test_lazy_items_compute_their_parent_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``compute`` answers the per-statistic lazy items from their parent (one task per
+    site), and plain ``dask.compute`` gives the same values."""
+    import dask
+
+    from llminstr.analysis import statistics as stats_mod
+
+    x = make_data(200, 8)
+    path = tmp_path / "c.zarr"
+    write(path, {"a": x}, chunk_rows=32)
+    site = statistics_for_site(path, "a", eps=EPS)
+    calls: list[int] = []
+    original = stats_mod.finish_site
+
+    def counting(*args: Any) -> Any:
+        calls.append(1)
+        return original(*args)
+
+    # finish_site is looked up when the graph is built
+    monkeypatch.setattr(stats_mod, "finish_site", counting)
+    counted = statistics_for_site(path, "a", eps=EPS, outlier_factor=4.0)
+    ours = compute({"s": counted, "n": [counted["mean"], (counted["std"],)]})
+    assert len(calls) == 1
+    assert isinstance(ours["n"], list) and isinstance(ours["n"][1], tuple)
+    np.testing.assert_array_equal(ours["n"][0], ours["s"]["mean"])
+    (plain,) = dask.compute(site)
+    mine = compute(site)
+    for key in (*PER_DIM_KEYS, "outlier_dims", "near_zero_fraction_total"):
+        np.testing.assert_array_equal(np.asarray(mine[key]), np.asarray(plain[key]))
+    assert mine["row_norm"] == plain["row_norm"]

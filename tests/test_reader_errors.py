@@ -648,3 +648,75 @@ def test_non_finite_model_metadata_is_written_as_strict_json(tmp_path):  # type:
         assert open_capture(path).metadata["model"] == {"x": None, "y": [1, 2]}
         if suffix == "zarr":
             json.loads((path / "zarr.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+
+
+def test_zarr_huge_chunk_file_is_refused_before_reading(tmp_path: Path) -> None:
+    """An oversized chunk file is rejected from its size alone: no buffer for it is
+    allocated and nothing is read (a 1 GiB sparse file here)."""
+    import threading
+
+    from llminstr import reader
+
+    capture = make_capture(tmp_path / "c.zarr")
+    with open(zarr_chunk(capture, "a", 1), "r+b") as fh:
+        fh.truncate(1 << 30)
+    seen: dict[str, Any] = {}
+
+    def read() -> None:  # a fresh thread: its frame buffer starts empty
+        with open_capture(capture) as cap:
+            src = cap._source("activations/a", "a")
+            try:
+                src.read_chunk(1)
+            except CorruptChunkError as exc:
+                seen["error"] = exc
+            seen["buffer"] = getattr(reader._FRAME_BUFFER, "buf", None)
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    thread.join()
+    assert f"frame of {1 << 30} bytes exceeds" in str(seen["error"])
+    assert seen["buffer"] is None
+
+
+def test_read_chunk_into_a_buffer(backend: str, tmp_path: Path) -> None:
+    capture = make_capture(tmp_path / f"c{backend}")
+    with open_capture(capture) as cap:
+        for site, shape, dtype in (("a", (CHUNK, 4), np.float32), ("b", (CHUNK, 2, 3), np.float16)):
+            src = cap._source(f"activations/{site}", site)
+            out = np.full(shape, 7, dtype)
+            for index in range(3):
+                got = src.read_chunk(index, out=out)
+                assert got is out
+                np.testing.assert_array_equal(out, src.read_chunk(index))
+            np.testing.assert_array_equal(
+                src.read_chunk(0, out=out)[:CHUNK].reshape(CHUNK, -1),
+                ramp(CHUNK, 4 if site == "a" else 6).astype(dtype),
+            )
+            for bad in (
+                np.empty((CHUNK + 1, *shape[1:]), dtype),
+                np.empty(shape, np.float64),
+                np.empty(shape[::-1], dtype).T,
+            ):
+                with pytest.raises(ValueError, match="out must be a C-contiguous"):
+                    src.read_chunk(0, out=bad)
+
+
+def test_sources_tokenize_by_identity_without_pickling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pickle
+
+    from dask.base import tokenize
+
+    capture = make_capture(tmp_path / "c.zarr")
+
+    def refuse(*args: Any, **kwargs: Any) -> bytes:
+        raise AssertionError("tokenize pickled a source")
+
+    with open_capture(capture) as cap, open_capture(capture) as again:
+        a, b = cap._source("activations/a", "a"), again._source("activations/a", "a")
+        monkeypatch.setattr(pickle, "dumps", refuse)
+        assert tokenize(a) == tokenize(b)
+        assert tokenize(a) != tokenize(cap._source("activations/b", "b"))
+        a.rows -= 1
+        assert tokenize(a) != tokenize(b)

@@ -23,12 +23,13 @@ Parts (``include=``):
     (interventional when one is at hand) and the lazy per-site means of the statistics
     (for mean ablation).
 
-Memory. A statistics block task holds one storage chunk (briefly up to three
-chunk-sized buffers: the compressed frame, the decoded chunk and the reader's row copy)
-plus ~1 MiB of cache-sized scratch, and returns a partial of a few feature-sized float64
+Memory. A statistics block task reads a few storage chunks (about
+``statistics.TASK_BYTES`` of them) one at a time: each chunk's compressed frame goes
+into a per-thread frame buffer and is decoded into a per-thread chunk buffer, both reused
+from chunk to chunk, and the task returns a partial of a few feature-sized float64
 vectors that the tree reduction merges soon after. The peak is therefore about
-``workers x 3 x chunk bytes`` plus the scheduler's per-task state (a few KiB per
-task), independent of the capture's size for a given chunk count. The threaded
+``workers x 2 x chunk bytes`` (the buffers stay with the worker threads) plus the
+scheduler's per-task state, independent of the capture's size. The threaded
 scheduler's default worker count is the CPU count; ``compute(..., num_workers=n)``
 lowers it. Measured in ``tests/test_out_of_core.py`` and ``benchmarks/bench_analysis.py``.
 """
@@ -39,7 +40,7 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from llminstr.analysis._common import as_capture, check_sites, resolve_rows
+from llminstr.analysis._common import as_capture, check_sites, is_lazy_item, resolve_rows
 from llminstr.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -216,9 +217,66 @@ def compute(result: Any, scheduler: Any = None, **kwargs: Any) -> Any:
     base: Any = dask.base  # untyped module
     if scheduler is not None:
         kwargs["scheduler"] = scheduler
-    collections, repack = base.unpack_collections(result, traverse=True)
+    # Our own walk over plain dicts, lists and tuples (Dask's unpack_collections tokenizes
+    # every collection and builds a task per container: measurable on small passes).
+    collections: list[Any] = []
+    skeleton = _unpack(result, collections, base.is_dask_collection)
     if not collections:
         return result
+    # Lazy items (``parent[item]``, see _common.LazyItem) are answered from their parent,
+    # computed once.
+    wanted: list[Any] = []
+    slot: dict[Any, int] = {}
+    route: list[tuple[int, Any]] = []
+    for coll in collections:
+        if is_lazy_item(coll):
+            target, item, ident = coll.parent, coll.item, ("key", coll.parent.key)
+        else:
+            target, item, ident = coll, _WHOLE, ("id", id(coll))
+        if ident not in slot:
+            slot[ident] = len(wanted)
+            wanted.append(target)
+        route.append((slot[ident], item))
+    values = _compute_grouped(base, wanted, kwargs)
+    return _repack(
+        skeleton, [values[i] if item is _WHOLE else values[i][item] for i, item in route]
+    )
+
+
+class _Slot:
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+def _unpack(obj: Any, found: list[Any], is_collection: Any) -> Any:
+    """``obj`` with each Dask collection inside plain dicts, lists and tuples replaced by
+    a :class:`_Slot` numbering it in ``found``."""
+    if is_collection(obj):
+        found.append(obj)
+        return _Slot(len(found) - 1)
+    if type(obj) is dict:
+        return {k: _unpack(v, found, is_collection) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_unpack(v, found, is_collection) for v in obj)
+    return obj
+
+
+def _repack(obj: Any, values: list[Any]) -> Any:
+    if isinstance(obj, _Slot):
+        return values[obj.index]
+    if type(obj) is dict:
+        return {k: _repack(v, values) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_repack(v, values) for v in obj)
+    return obj
+
+
+_WHOLE = object()
+
+
+def _compute_grouped(base: Any, collections: list[Any], kwargs: dict[str, Any]) -> list[Any]:
     # dask 2026.8 groups the collections of one compute by their graph optimizer and
     # returns the results in group order, so a structure that interleaves, e.g., dask
     # arrays and delayed objects gets values in the wrong places. Passing the
@@ -239,4 +297,4 @@ def compute(result: Any, scheduler: Any = None, **kwargs: Any) -> Any:
     placed: list[Any] = [None] * len(collections)
     for value, i in zip(values, order, strict=True):
         placed[i] = value
-    return repack(placed)[0]
+    return placed

@@ -98,3 +98,48 @@ def check_sites(capture: Capture, sites: str | Iterable[str] | None) -> list[str
         seen.add(name)
         out.append(name)
     return out
+
+
+def lazy_item(parent: Any, item: str) -> Any:
+    """``parent[item]`` for a ``dask.delayed`` ``parent``, as a :class:`LazyItem`."""
+    return _lazy_item_class()(parent, item)
+
+
+_LAZY_ITEM: Any = None
+
+
+def _lazy_item_class() -> Any:
+    """:class:`LazyItem`, defined on first use so that importing this module does not
+    import Dask."""
+    global _LAZY_ITEM
+    if _LAZY_ITEM is None:
+        import operator
+
+        from dask._task_spec import Task, TaskRef
+        from dask.delayed import Delayed
+        from dask.highlevelgraph import HighLevelGraph
+
+        class LazyItem(Delayed):
+            """``parent[item]`` as a Delayed (so ``dask.compute`` takes it as usual) that
+            :func:`llminstr.analysis.compute` evaluates by computing ``parent`` once and
+            indexing it: a dict of fourteen lazy statistics per site is then one
+            collection to Dask, not fourteen (each costs graph merging, tokenizing and
+            optimisation in every compute: it was most of a small pass's time). The key
+            is derived from the parent's, so building it tokenizes nothing."""
+
+            __slots__ = ("item", "parent")
+
+            def __init__(self, parent: Any, item: str) -> None:
+                key = f"{parent.key}-{item}"
+                task = Task(key, operator.getitem, TaskRef(parent.key), item)
+                graph = HighLevelGraph.from_collections(key, {key: task}, dependencies=[parent])
+                super().__init__(key, graph)  # type: ignore[no-untyped-call]
+                self.parent = parent
+                self.item = item
+
+        _LAZY_ITEM = LazyItem
+    return _LAZY_ITEM
+
+
+def is_lazy_item(obj: Any) -> bool:
+    return _LAZY_ITEM is not None and isinstance(obj, _LAZY_ITEM)

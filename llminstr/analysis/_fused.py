@@ -1,17 +1,20 @@
 """Fused one-pass block kernel of the per-site statistics, compiled with numba.
 
-:func:`scan` reads a stored block ``(n, D)`` once, row by row (so memory is read
-sequentially), and accumulates in float64, per column, the power sums
-``sum((x - shift)**k)`` (``k = 1..4``), the extremes and the count of ``|x| < eps``
-(compared in float32, as the numpy kernel does), and per row the squared norm
-``sum(x**2)``. float16 and bfloat16 (raw bits as uint16) are decoded element by element
-through a 65536-entry float32 table, exact for every value (subnormals, inf and NaN
-included). The shift is the caller's (:func:`first_sums` gives the column sums of the
-first rows it is derived from).
+:func:`scan` reads a stored block ``(n, D)`` once, eight rows at a time, vectorised
+across the columns. Per column it accumulates the power sums ``sum((x - shift)**k)``
+(``k = 1..4``), the extremes and the count of ``|x| < eps``, and per row the squared norm
+``sum(x**2)`` (float32, one function for every row so that it does not depend on how a
+block's rows are grouped). The elementwise work is float32, like the numpy kernel's: ``x - shift`` is
+exact for most ``x`` (the shift has 16 significant bits), the eight terms of a row group
+are added in a tree, the sums of four row groups (32 rows) are added in float32 and then
+into float64 totals (the numpy kernel adds 64 rows in float32). float16 and bfloat16 (raw
+bits as int16) are decoded eight rows at a time into a float32 buffer with integer
+operations (:func:`_decode`). The shift is the caller's (:func:`first_sums` gives the
+column sums of the first rows it is derived from).
 
-The caller (:mod:`llminstr.analysis.statistics`) checks the sums: a block holding
-NaN/inf gives non-finite sums and is redone by the numpy float64 kernel, which also
-counts the non-finite entries, so non-finite data take the same path as before.
+The caller (:mod:`llminstr.analysis.statistics`) checks the sums: a block holding NaN/inf,
+or whose float32 ``(x - shift)**4`` overflows (``|x - shift| > ~4e9``), gives non-finite
+sums and is redone by the numpy float64 kernel, which also counts the non-finite entries.
 
 The kernels release the GIL (``nogil``) so that the threaded scheduler runs blocks in
 parallel. They are compiled once per process, for the stored dtypes actually met, and not
@@ -36,115 +39,149 @@ numba: Any = _numba
 _FLAGS = {"reassoc", "contract"}
 
 
+#: Row groups of eight whose float32 sums are added before they go into the float64 totals.
+_FLUSH_GROUPS = 4
+
+
 def _jit(fn: Callable[..., Any]) -> Any:
     return numba.njit(nogil=True, cache=False, fastmath=_FLAGS)(fn)
 
 
-def _accumulate_row_py(
-    row: Any,
-    shift: Any,
-    thresh: Any,
-    s1: Any,
-    s2: Any,
-    s3: Any,
-    s4: Any,
-    vmin: Any,
-    vmax: Any,
-    near: Any,
-) -> float:
-    norm = 0.0
+def _norm2_py(row: Any) -> Any:
+    # Squared norm of one row in float32 (the loop vectorises: fastmath reassoc). One
+    # function for every row, so that a row's norm does not depend on how the block's
+    # rows were grouped (the sketch bins would then differ between block splits).
+    total = np.float32(0.0)
     for j in range(row.shape[0]):
-        x32 = row[j]
-        x = np.float64(x32)
-        vmin[j] = min(vmin[j], x)
-        vmax[j] = max(vmax[j], x)
-        near[j] += abs(x32) < thresh
-        d = x - shift[j]
-        d2 = d * d
-        s1[j] += d
-        s2[j] += d2
-        s3[j] += d2 * d
-        s4[j] += d2 * d2
-        norm += x * x
-    return norm
+        total += row[j] * row[j]
+    return total
 
 
-_accumulate_row = _jit(_accumulate_row_py)
+_norm2 = _jit(_norm2_py)
 
 
-def _accumulate_rows4_py(
-    r0: Any,
-    r1: Any,
-    r2: Any,
-    r3: Any,
+def _group8_py(
+    x: Any,
+    i: int,
+    o: int,
     shift: Any,
     thresh: Any,
-    s1: Any,
-    s2: Any,
-    s3: Any,
-    s4: Any,
+    g: Any,
     vmin: Any,
     vmax: Any,
     near: Any,
-) -> tuple[float, float, float, float]:
-    # Four rows per sweep: each accumulator is loaded and stored once per four values.
-    n0 = n1 = n2 = n3 = 0.0
-    for j in range(r0.shape[0]):
-        a32, b32, c32, e32 = r0[j], r1[j], r2[j], r3[j]
-        a, b, c, e = np.float64(a32), np.float64(b32), np.float64(c32), np.float64(e32)
-        vmin[j] = min(vmin[j], min(min(a, b), min(c, e)))
-        vmax[j] = max(vmax[j], max(max(a, b), max(c, e)))
-        near[j] += (
-            np.int64(abs(a32) < thresh)
-            + np.int64(abs(b32) < thresh)
-            + np.int64(abs(c32) < thresh)
-            + np.int64(abs(e32) < thresh)
-        )
+    norm2: Any,
+) -> None:
+    # Rows i..i+7 of x (float32), vectorised across columns j: each accumulator is loaded
+    # and stored once per eight values, the eight terms are added in a tree.
+    r0, r1, r2, r3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+    r4, r5, r6, r7 = x[i + 4], x[i + 5], x[i + 6], x[i + 7]
+    for j in range(x.shape[1]):
+        a0, a1, a2, a3, a4, a5, a6, a7 = r0[j], r1[j], r2[j], r3[j], r4[j], r5[j], r6[j], r7[j]
+        lo = min(min(min(a0, a1), min(a2, a3)), min(min(a4, a5), min(a6, a7)))
+        hi = max(max(max(a0, a1), max(a2, a3)), max(max(a4, a5), max(a6, a7)))
+        vmin[j] = min(vmin[j], lo)
+        vmax[j] = max(vmax[j], hi)
+        c01 = np.int32(abs(a0) < thresh) + np.int32(abs(a1) < thresh)
+        c23 = np.int32(abs(a2) < thresh) + np.int32(abs(a3) < thresh)
+        c45 = np.int32(abs(a4) < thresh) + np.int32(abs(a5) < thresh)
+        c67 = np.int32(abs(a6) < thresh) + np.int32(abs(a7) < thresh)
+        near[j] += (c01 + c23) + (c45 + c67)
         sh = shift[j]
-        da, db, dc, de = a - sh, b - sh, c - sh, e - sh
-        qa, qb, qc, qe = da * da, db * db, dc * dc, de * de
-        s1[j] += (da + db) + (dc + de)
-        s2[j] += (qa + qb) + (qc + qe)
-        s3[j] += (qa * da + qb * db) + (qc * dc + qe * de)
-        s4[j] += (qa * qa + qb * qb) + (qc * qc + qe * qe)
-        n0 += a * a
-        n1 += b * b
-        n2 += c * c
-        n3 += e * e
-    return n0, n1, n2, n3
+        d0, d1, d2, d3 = a0 - sh, a1 - sh, a2 - sh, a3 - sh
+        d4, d5, d6, d7 = a4 - sh, a5 - sh, a6 - sh, a7 - sh
+        q0, q1, q2, q3 = d0 * d0, d1 * d1, d2 * d2, d3 * d3
+        q4, q5, q6, q7 = d4 * d4, d5 * d5, d6 * d6, d7 * d7
+        g[0, j] += ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))
+        g[1, j] += ((q0 + q1) + (q2 + q3)) + ((q4 + q5) + (q6 + q7))
+        g[2, j] += ((q0 * d0 + q1 * d1) + (q2 * d2 + q3 * d3)) + (
+            (q4 * d4 + q5 * d5) + (q6 * d6 + q7 * d7)
+        )
+        g[3, j] += ((q0 * q0 + q1 * q1) + (q2 * q2 + q3 * q3)) + (
+            (q4 * q4 + q5 * q5) + (q6 * q6 + q7 * q7)
+        )
+    for r in range(8):
+        norm2[o + r] = _norm2(x[i + r])
 
 
-_accumulate_rows4 = _jit(_accumulate_rows4_py)
+_group8 = _jit(_group8_py)
+
+
+def _row1_py(
+    row: Any,
+    o: int,
+    shift: Any,
+    thresh: Any,
+    g: Any,
+    vmin: Any,
+    vmax: Any,
+    near: Any,
+    norm2: Any,
+) -> None:
+    # One row (a block's last n % 8 rows), same arithmetic as _group8.
+    for j in range(row.shape[0]):
+        a = row[j]
+        vmin[j] = min(vmin[j], a)
+        vmax[j] = max(vmax[j], a)
+        near[j] += np.int32(abs(a) < thresh)
+        d = a - shift[j]
+        q = d * d
+        g[0, j] += d
+        g[1, j] += q
+        g[2, j] += q * d
+        g[3, j] += q * q
+    norm2[o] = _norm2(row)
+
+
+_row1 = _jit(_row1_py)
+
+
+def _flush_py(g: Any, near: Any, power: Any, near64: Any) -> None:
+    # float32 group sums -> float64 totals; int32 counts -> int64.
+    for k in range(4):
+        for j in range(g.shape[1]):
+            power[k, j] += g[k, j]
+            g[k, j] = 0.0
+    for j in range(near.shape[0]):
+        near64[j] += near[j]
+        near[j] = 0
+
+
+_flush = _jit(_flush_py)
+
+
+def _state(first: Any, n: int) -> Any:
+    dims = first.shape[0]
+    return (
+        np.zeros((4, dims), np.float32),  # float32 sums of the current row groups
+        first.copy(),  # vmin (float32)
+        first.copy(),  # vmax
+        np.zeros(dims, np.int32),  # near-zero counts of the current row groups
+        np.zeros((4, dims), np.float64),  # power sums
+        np.zeros(dims, np.int64),  # near-zero counts
+        np.empty(n, np.float32),  # squared row norms
+    )
+
+
+_state_jit = _jit(_state)
 
 
 def _scan_f32_py(raw: Any, shift: Any, thresh: Any) -> Any:
-    n, dims = raw.shape
-    power = np.zeros((4, dims), np.float64)
-    vmin = np.full(dims, np.inf)
-    vmax = np.full(dims, -np.inf)
-    near = np.zeros(dims, np.int64)
-    norm2 = np.empty(n, np.float64)
-    s1, s2, s3, s4 = power[0], power[1], power[2], power[3]
-    full = n - n % 4
-    for i in range(0, full, 4):
-        norm2[i], norm2[i + 1], norm2[i + 2], norm2[i + 3] = _accumulate_rows4(
-            raw[i],
-            raw[i + 1],
-            raw[i + 2],
-            raw[i + 3],
-            shift,
-            thresh,
-            s1,
-            s2,
-            s3,
-            s4,
-            vmin,
-            vmax,
-            near,
-        )
+    n = raw.shape[0]
+    sh = shift.astype(np.float32)
+    g, vmin, vmax, near, power, near64, norm2 = _state_jit(raw[0], n)
+    full = n - n % 8
+    groups = 0
+    for i in range(0, full, 8):
+        _group8(raw, i, i, sh, thresh, g, vmin, vmax, near, norm2)
+        groups += 1
+        if groups == _FLUSH_GROUPS:
+            _flush(g, near, power, near64)
+            groups = 0
     for i in range(full, n):
-        norm2[i] = _accumulate_row(raw[i], shift, thresh, s1, s2, s3, s4, vmin, vmax, near)
-    return power, vmin, vmax, near, norm2
+        _row1(raw[i], i, sh, thresh, g, vmin, vmax, near, norm2)
+    _flush(g, near, power, near64)
+    return power, vmin.astype(np.float64), vmax.astype(np.float64), near64, norm2.astype(np.float64)
 
 
 def _decode_py(src: Any, bits: Any, vals: Any, half: bool) -> None:
@@ -168,27 +205,26 @@ _decode = _jit(_decode_py)
 
 def _scan_u16_py(raw: Any, half: bool, shift: Any, thresh: Any) -> Any:
     n, dims = raw.shape
-    power = np.zeros((4, dims), np.float64)
-    vmin = np.full(dims, np.inf)
-    vmax = np.full(dims, -np.inf)
-    near = np.zeros(dims, np.int64)
-    norm2 = np.empty(n, np.float64)
-    bits = np.empty(4 * dims, np.int32)
+    sh = shift.astype(np.float32)
+    bits = np.empty((8, dims), np.int32)
     buf = bits.view(np.float32)
-    b0, b1, b2, b3 = buf[:dims], buf[dims : 2 * dims], buf[2 * dims : 3 * dims], buf[3 * dims :]
-    s1, s2, s3, s4 = power[0], power[1], power[2], power[3]
-    full = n - n % 4
-    for i in range(0, full, 4):
-        for r in range(4):
-            lo = r * dims
-            _decode(raw[i + r], bits[lo : lo + dims], buf[lo : lo + dims], half)
-        norm2[i], norm2[i + 1], norm2[i + 2], norm2[i + 3] = _accumulate_rows4(
-            b0, b1, b2, b3, shift, thresh, s1, s2, s3, s4, vmin, vmax, near
-        )
+    _decode(raw[0], bits[0], buf[0], half)
+    g, vmin, vmax, near, power, near64, norm2 = _state_jit(buf[0], n)
+    full = n - n % 8
+    groups = 0
+    for i in range(0, full, 8):
+        for r in range(8):
+            _decode(raw[i + r], bits[r], buf[r], half)
+        _group8(buf, 0, i, sh, thresh, g, vmin, vmax, near, norm2)
+        groups += 1
+        if groups == _FLUSH_GROUPS:
+            _flush(g, near, power, near64)
+            groups = 0
     for i in range(full, n):
-        _decode(raw[i], bits[:dims], b0, half)
-        norm2[i] = _accumulate_row(b0, shift, thresh, s1, s2, s3, s4, vmin, vmax, near)
-    return power, vmin, vmax, near, norm2
+        _decode(raw[i], bits[0], buf[0], half)
+        _row1(buf[0], i, sh, thresh, g, vmin, vmax, near, norm2)
+    _flush(g, near, power, near64)
+    return power, vmin.astype(np.float64), vmax.astype(np.float64), near64, norm2.astype(np.float64)
 
 
 def _first_sums_f32_py(raw: Any, k: int) -> Any:

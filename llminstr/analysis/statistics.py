@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any
 import ml_dtypes
 import numpy as np
 
-from llminstr.analysis._common import as_capture, check_sites, resolve_rows
+from llminstr.analysis._common import as_capture, check_sites, lazy_item, resolve_rows
 from llminstr.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -452,11 +452,14 @@ def site_block_partial(block: np.ndarray, eps: float, log_gamma: float) -> SiteP
         nonfinite = n - np.add.reduce(np.isfinite(as_float32(raw)), axis=0, dtype=np.int64)
     p = sc.power
     with np.errstate(over="ignore", invalid="ignore"):  # non-finite columns stay NaN/inf
+        # Products, not ``**``: numpy's float64 ``**3`` / ``**4`` go through libm's pow,
+        # which took most of a 4 MiB block's time outside the kernel (measured).
         delta = p[0] / n
         mean = sc.shift + delta
-        m2 = p[1] - n * delta**2
-        m3 = p[2] - 3 * delta * p[1] + 2 * n * delta**3
-        m4 = p[3] - 4 * delta * p[2] + 6 * delta**2 * p[1] - 3 * n * delta**4
+        delta2 = delta * delta
+        m2 = p[1] - n * delta2
+        m3 = p[2] - 3 * delta * p[1] + 2 * n * delta2 * delta
+        m4 = p[3] - 4 * delta * p[2] + 6 * delta2 * p[1] - 3 * n * delta2 * delta2
     np.maximum(m2, 0.0, out=m2)
     np.maximum(m4, 0.0, out=m4)
     return SitePartial(
@@ -748,6 +751,48 @@ def _row_blocks(arr: Any, start: int, stop: int) -> list[Delayed]:
     return list(sub.to_delayed(optimize_graph=False).reshape(-1))
 
 
+#: Raw (decoded) bytes of activations a statistics read task covers: whole storage chunks,
+#: at least one. A task reads its chunks one at a time, so its memory is one chunk.
+TASK_BYTES = 16 << 20
+
+
+def _chunk_spans(
+    start: int, stop: int, chunk_rows: int, per_task: int
+) -> list[tuple[tuple[int, int, int], ...]]:
+    """Rows ``[start, stop)`` as tasks of at most ``per_task`` storage chunks, each chunk as
+    ``(index, lo, hi)``: rows ``lo:hi`` of decoded chunk ``index``."""
+    spans = []
+    first, last = start // chunk_rows, (stop - 1) // chunk_rows
+    for t0 in range(first, last + 1, per_task):
+        spans.append(
+            tuple(
+                (
+                    i,
+                    max(start, i * chunk_rows) - i * chunk_rows,
+                    min(stop, (i + 1) * chunk_rows) - i * chunk_rows,
+                )
+                for i in range(t0, min(last + 1, t0 + per_task))
+            )
+        )
+    return spans
+
+
+def read_block_partial(
+    source: Any, span: Sequence[tuple[int, int, int]], eps: float, log_gamma: float
+) -> SitePartial:
+    """Read the chunks of ``span`` (see :func:`_chunk_spans`) one at a time from
+    ``source`` (the reader's chunk source) and summarise their rows: the block task of
+    the statistics graph. Holds one decoded chunk (in a per-thread buffer) at a time."""
+    # Each chunk is decoded into this thread's chunk buffer, reused from chunk to chunk
+    # and task to task (a fresh buffer would be page-faulted in for every chunk).
+    buf = _scratch("chunk", (source.chunk_rows, *source.feature_shape), source.dtype)
+    parts = [
+        site_block_partial(source.read_chunk(index, out=buf)[lo:hi], eps, log_gamma)
+        for index, lo, hi in span
+    ]
+    return merge_site_partials(*parts)
+
+
 def statistics_for_site(
     capture: Capture | str | os.PathLike[str],
     site: str,
@@ -773,6 +818,7 @@ def statistics_for_site(
     dict is computed (``llminstr.analysis.compute`` or ``dask.compute``); computing any
     subset of it reads each chunk of the site once.
     """
+    from dask.base import tokenize
     from dask.delayed import delayed
 
     cap = as_capture(capture)
@@ -788,10 +834,19 @@ def statistics_for_site(
     fused = _fused_module()
     if fused is not None:
         fused.warm_up(info["storage_dtype"])  # compile time and memory before any block task
-    arr = cap.activations(name, logical=False)
+    # Block tasks read their chunks themselves (read, decode and scan in one task, a few
+    # chunks per task): a task per chunk plus the reader's getter task per chunk cost
+    # more in scheduling than the scan (docs/decisions.md). Keys are deterministic, so
+    # equal requests in one compute share their tasks.
+    source = cap._source(f"activations/{name}", name)
+    chunk_bytes = cap.chunk_rows * math.prod(shape) * source.dtype.itemsize
+    per_task = max(1, TASK_BYTES // max(1, chunk_bytes))
+    token = tokenize(source, cap._root["commit_seq"], start, stop, eps_v, log_gamma, per_task)
     blocks = [
-        delayed(site_block_partial, pure=True)(b, eps_v, log_gamma)
-        for b in _row_blocks(arr, start, stop)
+        delayed(read_block_partial)(
+            source, span, eps_v, log_gamma, dask_key_name=(f"llminstr-stats-{token}", i)
+        )
+        for i, span in enumerate(_chunk_spans(start, stop, cap.chunk_rows, per_task))
     ]
     merged = tree_reduce(blocks, merge_site_partials, fan_in)
     final = delayed(finish_site, pure=True)(merged, shape, factor, log_gamma, qs)
@@ -806,7 +861,7 @@ def statistics_for_site(
         "passes": PASSES,
     }
     for key in (*PER_DIM_KEYS, *LAZY_KEYS):
-        out[key] = final[key]
+        out[key] = lazy_item(final, key)
     return out
 
 

@@ -67,8 +67,11 @@ def decode_frame(
     checksum: bool,
     dtype: np.dtype,
     chunk_shape: Sequence[int],
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Decode one stored chunk, verifying checksum and size. Raises ``ValueError`` on damage."""
+    """Decode one stored chunk, verifying checksum and size, into a new array or into
+    ``out`` (C-contiguous, ``chunk_shape``, ``dtype``; the caller checks). Raises
+    ``ValueError`` on damage."""
     view = memoryview(frame)
     if checksum:
         if len(view) < CRC_BYTES:
@@ -96,7 +99,8 @@ def decode_frame(
                 f"Blosc frame decodes to {nbytes} bytes; a chunk of shape {tuple(chunk_shape)} "
                 f"and dtype {dtype} needs {expected_bytes}"
             )
-        out = np.empty(tuple(chunk_shape), dtype=dtype)
+        if out is None:
+            out = np.empty(tuple(chunk_shape), dtype=dtype)
         numcodecs.blosc.decompress(view, out)
         return out
     if len(view) != expected_bytes:
@@ -104,4 +108,8 @@ def decode_frame(
             f"raw chunk holds {len(view)} bytes; a chunk of shape {tuple(chunk_shape)} "
             f"and dtype {dtype} needs {expected_bytes}"
         )
-    return np.frombuffer(view, dtype=dtype).reshape(tuple(chunk_shape)).copy()
+    raw = np.frombuffer(view, dtype=dtype).reshape(tuple(chunk_shape))
+    if out is None:
+        return raw.copy()
+    np.copyto(out, raw)
+    return out
