@@ -52,10 +52,12 @@ class MemoryBudget:
         """Whether a producer is blocked waiting for bytes right now."""
         return self._waiters > 0
 
-    def add_stall(self, seconds: float) -> None:
-        """Count time a consumer of this budget spent blocked outside :meth:`acquire`."""
+    def add_stall(self, seconds: float, events: int = 0) -> None:
+        """Count time (and ``events`` waits) a consumer of this budget spent blocked
+        outside :meth:`acquire`."""
         with self._cond:
             self._stall += seconds
+            self._stall_events += events
 
     def add_reclaimer(self, reclaim: Callable[[int], int]) -> None:
         """Register ``reclaim(n)``: asked to give back (via :meth:`release`) up to ``n``

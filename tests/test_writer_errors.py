@@ -459,7 +459,13 @@ def test_worker_failure_reported_by_close(
     w = CaptureWriter(path, [SiteInfo("a", (8,))], chunk_rows=4, commit_interval_s=1e9)
     w.append(token_columns(3), {"a": rows(3, 8)})
     assert w.commit() == 3  # 5 partial chunks
-    w.append(token_columns(3, 3), {"a": rows(3, 8, 3)})  # chunk 0 is full: 5 chunks at close
+    # chunk 0 is full: its 5 frames are written now, asynchronously. The failure reaches
+    # the producer at its next wait for the pipeline (here, possibly this append) or at
+    # close, whichever comes first; close reports it in any case.
+    try:
+        w.append(token_columns(3, 3), {"a": rows(3, 8, 3)})
+    except WriterFailedError as exc:
+        assert exc.__cause__ is disk_full
     with pytest.raises(WriterFailedError) as info:
         w.close()
     assert info.value.__cause__ is disk_full
@@ -554,3 +560,53 @@ def test_backpressure_blocks_without_losing_data(
         np.testing.assert_array_equal(cap.read("a"), a)
         np.testing.assert_array_equal(cap.read("b").view(np.uint16), b.view(np.uint16))
         np.testing.assert_array_equal(cap.token_table()["token_id"], token_columns(n)["token_id"])
+
+
+@pytest.mark.timeout(60)
+def test_encode_queue_is_bounded_per_encoder_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However large the budget, at most QUEUED_CHUNKS_PER_THREAD x threads full chunks
+    wait for encoding; the producer waits beyond that (counted as stall), nothing is
+    lost."""
+    from llminstr.storage import writer as writer_mod
+
+    threads = 2
+    bound = writer_mod.QUEUED_CHUNKS_PER_THREAD * threads
+    gate = threading.Event()
+    lock = threading.Lock()
+    queued = [0, 0]  # now, most seen
+    original_submit = writer_mod.CaptureWriter._submit
+    original_encode = writer_mod.CaptureWriter._encode_and_write
+
+    def submit(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_submit(self, *args, **kwargs)
+        with lock:
+            queued[0] += 1
+            queued[1] = max(queued[1], queued[0])
+
+    def encode(self: Any, *args: Any) -> None:
+        gate.wait(timeout=0.005)  # encoders far slower than the producer
+        with lock:
+            queued[0] -= 1
+        original_encode(self, *args)
+
+    monkeypatch.setattr(writer_mod.CaptureWriter, "_submit", submit)
+    monkeypatch.setattr(writer_mod.CaptureWriter, "_encode_and_write", encode)
+    n = 8 * 30
+    x = np.arange(n * 16, dtype=np.float32).reshape(n, 16)
+    path = tmp_path / "c.zarr"
+    with CaptureWriter(
+        path,
+        [SiteInfo("a", (16,))],
+        chunk_rows=8,
+        memory_budget_bytes=1 << 30,
+        encoder_threads=threads,
+    ) as w:
+        for lo in range(0, n, 8):
+            w.append(token_columns(8, lo), {"a": x[lo : lo + 8]})
+    # the counter moves after the real submit/encode calls: allow one chunk of slack each
+    assert bound <= queued[1] <= bound + threads + 1
+    assert w.stats().stall_seconds > 0
+    with open_capture(path) as cap:
+        np.testing.assert_array_equal(cap.read("a"), x)
