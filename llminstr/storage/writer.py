@@ -523,7 +523,10 @@ class CaptureWriter:
     def _submit(
         self, state: _ArrayState, index: int, buf: np.ndarray, nrows: int, *, full: bool
     ) -> None:
-        if not self._queue_slots.acquire(blocking=False):
+        # Full chunks take a queue slot (see QUEUED_CHUNKS_PER_THREAD). Tails, submitted by
+        # commit and close, which wait for every frame anyway, do not.
+        slot = full
+        if slot and not self._queue_slots.acquire(blocking=False):
             waited = time.perf_counter()
             while not self._queue_slots.acquire(timeout=0.5):
                 self._check_open()
@@ -532,14 +535,16 @@ class CaptureWriter:
         try:
             self.budget.acquire(reserve)
         except BaseException:
-            self._queue_slots.release()
+            if slot:
+                self._queue_slots.release()
             raise
         try:
             future = self._executor.submit(
-                self._encode_and_write, state, index, buf, nrows, full, reserve
+                self._encode_and_write, state, index, buf, nrows, full, reserve, slot
             )
         except BaseException:
-            self._queue_slots.release()
+            if slot:
+                self._queue_slots.release()
             self.budget.release(reserve + buf.nbytes)
             raise
         with self._state_lock:
@@ -552,17 +557,24 @@ class CaptureWriter:
 
     # ------------------------------------------------------------------ workers
     def _encode_and_write(
-        self, state: _ArrayState, index: int, buf: np.ndarray, nrows: int, full: bool, reserve: int
+        self,
+        state: _ArrayState,
+        index: int,
+        buf: np.ndarray,
+        nrows: int,
+        full: bool,
+        reserve: int,
+        slot: bool,
     ) -> None:
         raw = buf.nbytes
         frame_bytes = 0
-        slot = True
         try:
             if self._error is not None:
                 return
             parts = self._codec.encode(buf)
-            self._queue_slots.release()
-            slot = False
+            if slot:
+                self._queue_slots.release()
+                slot = False
             frame_bytes = sum(memoryview(p).nbytes for p in parts)
             if self.codec_config.cname is not None:
                 self._recycle(buf)  # the raw chunk is no longer needed once compressed
