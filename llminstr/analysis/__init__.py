@@ -5,7 +5,8 @@
 
 :func:`analyze_activations` reads metadata only and returns a dict of Dask collections
 and ``dask.delayed`` objects; :func:`compute` materialises all of them in a single
-``dask.compute`` call, so chunks that several analyses need are read once. Both run the
+``dask.compute`` call, so tasks that several requests share run once (each analysis reads
+its chunks itself: see "Memory" below and ``docs/guide.md``). Both run the
 same on the local schedulers and on a ``dask.distributed`` cluster (the graph holds only
 picklable chunk sources and module-level functions).
 
@@ -207,8 +208,8 @@ def analyze_activations(
 
 def compute(result: Any, scheduler: Any = None, **kwargs: Any) -> Any:
     """Materialise a result of :func:`analyze_activations` (or any nest of dicts, lists
-    and Dask objects) with ONE ``dask.compute`` call: shared tasks, such as the chunks
-    several analyses read, run once. Returns the same structure with numpy arrays and
+    and Dask objects) with ONE ``dask.compute`` call: shared tasks (equal requests, the
+    per-statistic items of one site) run once. Returns the same structure with numpy arrays and
     plain Python values. ``scheduler`` and ``kwargs`` (e.g. ``num_workers``) go to
     ``dask.compute``; by default Dask's current scheduler is used (a
     ``distributed.Client`` when one is active, else the threaded scheduler)."""
