@@ -41,6 +41,8 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from llminstr.analysis._common import as_capture, check_sites, is_lazy_item, resolve_rows
 from llminstr.errors import ConfigError
 
@@ -220,8 +222,13 @@ def compute(result: Any, scheduler: Any = None, **kwargs: Any) -> Any:
         kwargs["scheduler"] = scheduler
     # Our own walk over plain dicts, lists and tuples (Dask's unpack_collections tokenizes
     # every collection and builds a task per container: measurable on small passes).
+    from dask.delayed import Delayed
+
+    def is_collection(obj: Any) -> bool:
+        return isinstance(obj, Delayed) or bool(base.is_dask_collection(obj))
+
     collections: list[Any] = []
-    skeleton = _unpack(result, collections, base.is_dask_collection)
+    skeleton = _unpack(result, collections, is_collection)
     if not collections:
         return result
     # Lazy items (``parent[item]``, see _common.LazyItem) are answered from their parent,
@@ -251,9 +258,15 @@ class _Slot:
         self.index = index
 
 
+_PLAIN = (str, bytes, int, float, complex, type(None), np.ndarray, np.generic)
+
+
 def _unpack(obj: Any, found: list[Any], is_collection: Any) -> Any:
     """``obj`` with each Dask collection inside plain dicts, lists and tuples replaced by
-    a :class:`_Slot` numbering it in ``found``."""
+    a :class:`_Slot` numbering it in ``found``. (Plain values are not asked
+    ``is_dask_collection``: on a Delayed-like object it may build a task graph node.)"""
+    if isinstance(obj, _PLAIN):
+        return obj
     if is_collection(obj):
         found.append(obj)
         return _Slot(len(found) - 1)

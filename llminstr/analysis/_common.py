@@ -132,8 +132,13 @@ def _lazy_item_class() -> Any:
             def __init__(self, parent: Any, item: str) -> None:
                 key = f"{parent.key}-{item}"
                 task = Task(key, operator.getitem, TaskRef(parent.key), item)
-                graph = HighLevelGraph.from_collections(key, {key: task}, dependencies=[parent])
-                super().__init__(key, graph)  # type: ignore[no-untyped-call]
+                # The graph is assembled by hand: HighLevelGraph.from_collections asks
+                # is_dask_collection of the parent, which on a Delayed creates (and
+                # tokenizes) a DelayedAttr for ``.expr``.
+                base = parent.dask
+                layers = {**base.layers, key: {key: task}}
+                deps = {**base.dependencies, key: set(parent.__dask_layers__())}
+                super().__init__(key, HighLevelGraph(layers, deps))  # type: ignore[no-untyped-call]
                 self.parent = parent
                 self.item = item
 
