@@ -729,3 +729,56 @@ def test_unclosed_writer_releases_its_lock_when_collected(backend: str, tmp_path
         assert cap.status == "in_progress" and cap.num_rows == 3
     with CaptureWriter(path, [SiteInfo("s", (2,))], overwrite=True) as w2:
         w2.append(token_columns(1), {"s": ramp(0, 1, 2)})
+
+
+@pytest.mark.parametrize("history", ["fresh", "after_full_chunks", "after_commit"])
+def test_tail_chunk_is_zero_past_the_data(backend: str, tmp_path: Path, history: str) -> None:
+    """SPEC 4.2: rows of the last chunk past the data are zeros, whatever the chunk
+    buffer held before (a pooled buffer that held a full chunk, a tail already committed)."""
+    path = tmp_path / f"c{backend}"
+    chunk, width = 8, 5
+    n = {"fresh": 3, "after_full_chunks": 4 * chunk + 3, "after_commit": chunk + 6}[history]
+    x = np.arange(1, n * width + 1, dtype=np.float32).reshape(n, width)
+    with CaptureWriter(path, [SiteInfo("a", (width,))], chunk_rows=chunk) as w:
+        if history == "after_commit":
+            w.append(token_columns(chunk + 6), {"a": x})
+            w.commit()  # the tail (6 rows) is written once; then rows 6.. are rewritten
+        else:
+            for lo in range(0, n, 3):
+                hi = min(n, lo + 3)
+                w.append(token_columns(hi - lo, lo), {"a": x[lo:hi]})
+    with open_capture(path) as cap:
+        assert cap.num_rows == n
+        src = cap._source("activations/a", "a")
+        last = (n - 1) // chunk
+        stored = src.read_chunk(last)
+        fill = n - last * chunk
+        np.testing.assert_array_equal(stored[:fill], x[last * chunk :])
+        np.testing.assert_array_equal(stored[fill:], 0)
+        tok = cap._source("tokens/position", "tokens/position").read_chunk(last)
+        np.testing.assert_array_equal(tok[fill:], 0)
+
+
+def test_tail_from_a_dirty_pooled_buffer_is_zeroed(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reused chunk buffer still holds an old chunk's rows: closing zeroes them."""
+    from llminstr.storage import writer as writer_mod
+
+    def dirty(self: Any, decl: Any) -> tuple[np.ndarray, int]:
+        self.budget.acquire(decl.chunk_bytes)
+        return np.full(decl.chunk_shape, 7, decl.storage_dtype), decl.chunk_shape[0]
+
+    monkeypatch.setattr(writer_mod.CaptureWriter, "_new_buffer", dirty)
+    path = tmp_path / f"c{backend}"
+    x = np.arange(1, 16, dtype=np.float32).reshape(3, 5)
+    with CaptureWriter(path, [SiteInfo("a", (5,))], chunk_rows=8) as w:
+        w.append(token_columns(3), {"a": x})
+    with open_capture(path) as cap:
+        stored = cap._source("activations/a", "a").read_chunk(0)
+        np.testing.assert_array_equal(stored[:3], x)
+        np.testing.assert_array_equal(stored[3:], 0)
+        for col in cap.token_columns:
+            np.testing.assert_array_equal(
+                cap._source(f"tokens/{col}", f"tokens/{col}").read_chunk(0)[3:], 0
+            )
