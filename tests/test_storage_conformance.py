@@ -765,9 +765,9 @@ def test_tail_from_a_dirty_pooled_buffer_is_zeroed(
     """A reused chunk buffer still holds an old chunk's rows: closing zeroes them."""
     from llminstr.storage import writer as writer_mod
 
-    def dirty(self: Any, decl: Any) -> tuple[np.ndarray, int]:
+    def dirty(self: Any, decl: Any) -> np.ndarray:
         self.budget.acquire(decl.chunk_bytes)
-        return np.full(decl.chunk_shape, 7, decl.storage_dtype), decl.chunk_shape[0]
+        return np.full(decl.chunk_shape, 7, decl.storage_dtype)
 
     monkeypatch.setattr(writer_mod.CaptureWriter, "_new_buffer", dirty)
     path = tmp_path / f"c{backend}"

@@ -52,3 +52,36 @@ def test_array_document_equals_zarr_python(
     ours = json.dumps(zarr_array_document(decl, codec), indent=2)
     assert json.loads(theirs) == json.loads(ours)
     assert list(json.loads(theirs)) == list(json.loads(ours))  # same key order, too
+
+
+@pytest.mark.parametrize("rows", [0, 1, 7, 10**6, 2**40])
+def test_shape_template_renders_exactly_the_dumped_document(rows: int) -> None:
+    """Commits re-render array documents by substituting the row count into a template:
+    the bytes equal json.dumps of the document with that row count."""
+    from llminstr.storage.backends import _dumps, _ShapeTemplate
+
+    for codec in (CodecConfig("lz4", 5, True), CodecConfig(None, None, False)):
+        decl = ArrayDecl(
+            "activations",
+            "layers.3.mlp",
+            "float16",
+            (2, 7),
+            16,
+            {"dimension_names": ["row", "a", "b"], "layer": 3},
+        )
+        doc = zarr_array_document(decl, codec)
+        template = _ShapeTemplate(doc)
+        assert template.parts is not None
+        expected = dict(doc, shape=[rows, *doc["shape"][1:]])
+        assert template.render(rows) == _dumps(expected)
+        assert json.loads(template.render(rows))["shape"] == [rows, 2, 7]
+
+
+def test_shape_template_falls_back_when_the_mark_is_ambiguous() -> None:
+    from llminstr.storage import backends
+
+    doc = {"dimension_names": ["row"], "note": backends._ROWS_MARK}
+    decl = ArrayDecl("tokens", "step", "int64", (), 16, doc)
+    template = backends._ShapeTemplate(zarr_array_document(decl, CodecConfig("lz4", 5, True)))
+    assert template.parts is None
+    assert json.loads(template.render(5))["shape"] == [5]

@@ -118,7 +118,6 @@ class _ArrayState:
     full_done: int = 0  # contiguous full chunks on disk
     durable: int = 0  # contiguous rows on disk
     frame_sizes: dict[int, int] = field(default_factory=dict)
-    clean_from: int = 0  # rows of the buffer from here on are known to be zero
 
 
 @dataclass(frozen=True)
@@ -506,11 +505,10 @@ class CaptureWriter:
             chunk_rows = self.chunk_rows
             while offset < n:
                 if state.buffer is None:
-                    state.buffer, state.clean_from = self._new_buffer(state.decl)
+                    state.buffer = self._new_buffer(state.decl)
                 take = min(n - offset, chunk_rows - state.fill)
                 state.buffer[state.fill : state.fill + take] = data[offset : offset + take]
                 state.fill += take
-                state.clean_from = max(state.clean_from, state.fill)
                 state.rows += take
                 offset += take
                 if state.fill == chunk_rows:
@@ -647,19 +645,16 @@ class CaptureWriter:
     # producer's first copy into it page-faults on every page (measured ~4x a warm copy).
     # Pooled buffers keep their budget reservation; the budget takes them back through
     # the reclaimer whenever someone would otherwise wait.
-    def _new_buffer(self, decl: ArrayDecl) -> tuple[np.ndarray, int]:
-        """A chunk buffer and the first of its rows known to be zero from there on
-        (pooled buffers: none; new ones: all, as np.zeros maps untouched pages to the
-        kernel's zero page, so this costs no more than np.empty)."""
+    def _new_buffer(self, decl: ArrayDecl) -> np.ndarray:
         key = (decl.chunk_shape, decl.storage_dtype)
         with self._pool_lock:
             free = self._pool.get(key)
             if free:
                 buf = free.pop()
                 self._pooled_bytes -= buf.nbytes
-                return buf, decl.chunk_shape[0]
+                return buf
         self.budget.acquire(decl.chunk_bytes)
-        return np.zeros(decl.chunk_shape, dtype=decl.storage_dtype), 0
+        return np.empty(decl.chunk_shape, dtype=decl.storage_dtype)
 
     def _recycle(self, buf: np.ndarray) -> None:
         with self._pool_lock:
@@ -756,18 +751,10 @@ class CaptureWriter:
             self._last_tail_commit = time.monotonic()
             return self._published_rows
 
-    def _flush_tails(self, final: bool = False) -> None:
+    def _flush_tails(self) -> None:
         self._drain()
         for state in self._states.values():
-            if final and state.fill and state.buffer is not None:
-                # Closing: nothing more is appended, so the partial chunk's own buffer is
-                # the tail. Only rows once written past the data need zeroing (none for a
-                # buffer that never held a full chunk): no copy, no new buffer.
-                buf, state.buffer = state.buffer, None
-                if state.clean_from > state.fill:
-                    buf[state.fill : state.clean_from] = 0
-                self._submit(state, state.chunk_index, buf, state.fill, full=False)
-            elif state.fill and state.buffer is not None:
+            if state.fill and state.buffer is not None:
                 # np.zeros maps untouched pages to the kernel's zero page: the padding of a
                 # short tail costs neither a memset nor page faults (a capture's first commit
                 # pads every array's first chunk).
@@ -793,7 +780,7 @@ class CaptureWriter:
             try:
                 if self._error is None:
                     try:
-                        self._flush_tails(final=True)
+                        self._flush_tails()
                     except BaseException as exc:
                         self._fail(exc)
                 counts = {s.decl.key: s.rows for s in self._states.values()}
