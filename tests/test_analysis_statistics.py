@@ -647,3 +647,32 @@ def test_lazy_items_compute_their_parent_once(
     for key in (*PER_DIM_KEYS, "outlier_dims", "near_zero_fraction_total"):
         np.testing.assert_array_equal(np.asarray(mine[key]), np.asarray(plain[key]))
     assert mine["row_norm"] == plain["row_norm"]
+
+
+def test_fused_and_numpy_merges_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The numba moment merge and the numpy one give the same merged partials."""
+    pytest.importorskip("numba")
+    from llminstr.analysis import statistics as stats_mod
+
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((301, 9)) * rng.uniform(0.1, 5, 9) + rng.uniform(-40, 40, 9)).astype(
+        np.float32
+    )
+    lg = float(np.log((1 + ACC) / (1 - ACC)))
+    parts = [
+        site_block_partial(x[a:b], EPS, lg) for a, b in [(0, 1), (1, 64), (64, 200), (200, 301)]
+    ]
+    merged = {}
+    for kernel in ("fused", "numpy"):
+        monkeypatch.setattr(stats_mod, "KERNEL", kernel)
+        merged[kernel] = merge_site_partials(*parts)
+    a, b = merged["fused"], merged["numpy"]
+    assert a.n == b.n == 301
+    for key in ("mean", "m2", "m3", "m4"):
+        np.testing.assert_allclose(getattr(a, key), getattr(b, key), rtol=1e-12, atol=1e-9)
+    for key in ("vmin", "vmax", "near_zero", "nonfinite"):
+        np.testing.assert_array_equal(getattr(a, key), getattr(b, key))
+    ref = reference(x)
+    fin = finish_site(a, (9,), 6.0, lg, NORM_QUANTILES)
+    np.testing.assert_allclose(fin["mean"], ref["mean"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(fin["kurtosis"], ref["kurtosis"], rtol=1e-4, atol=1e-4)

@@ -26,6 +26,7 @@ Importing this module raises ``ImportError`` when numba is not installed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -280,6 +281,198 @@ def scan(
     return power, vmin, vmax, near, norm2
 
 
+# ------------------------------------------------------------------ whole block summary
+# Everything a block partial needs, computed without the GIL: with two threads the numpy
+# and Python steps around the scan (shift, moments, the row-norm sketch, about thirty
+# small calls per block that hold the GIL) cost as much as the scan itself (measured).
+
+
+def _round_shift_py(c: Any) -> Any:
+    # statistics._round_shift: keep 16 significant bits (round half to even).
+    out = np.empty_like(c)
+    for j in range(c.shape[0]):
+        x = c[j]
+        if not np.isfinite(x):
+            out[j] = x
+            continue
+        m, e = math.frexp(x)
+        r = math.ldexp(np.rint(m * 65536.0) / 65536.0, e)
+        out[j] = r if np.isfinite(r) else x
+    return out
+
+
+_round_shift = numba.njit(nogil=True, cache=False)(_round_shift_py)
+
+
+def _norm_sketch_py(norm2: Any, log_gamma: float) -> Any:
+    # statistics._norm_partial: count, mean, m2, min, max of the finite row norms, the
+    # zero and non-finite counts, and the log-histogram (offset, counts) of positive ones.
+    n = norm2.shape[0]
+    norms = np.sqrt(norm2)
+    count = 0
+    total = 0.0
+    for i in range(n):
+        if np.isfinite(norms[i]):
+            count += 1
+            total += norms[i]
+    nonfinite = n - count
+    empty = np.zeros(0, np.int64)
+    if count == 0:
+        return 0, 0.0, 0.0, np.inf, -np.inf, 0, nonfinite, 0, empty
+    mean = total / count
+    m2 = 0.0
+    vmin, vmax = np.inf, -np.inf
+    zeros = 0
+    lo, hi = np.int64(2**62), np.int64(-(2**62))
+    idx = np.empty(n, np.int64)
+    for i in range(n):
+        x = norms[i]
+        if not np.isfinite(x):
+            continue
+        d = x - mean
+        m2 += d * d
+        vmin = min(vmin, x)
+        vmax = max(vmax, x)
+        if x > 0:
+            k = np.int64(math.ceil(math.log(x) / log_gamma))
+            idx[i] = k
+            lo = min(lo, k)
+            hi = max(hi, k)
+        else:
+            zeros += 1
+    if zeros == count:
+        return count, mean, m2, vmin, vmax, zeros, nonfinite, 0, empty
+    counts = np.zeros(hi - lo + 1, np.int64)
+    for i in range(n):
+        x = norms[i]
+        if np.isfinite(x) and x > 0:
+            counts[idx[i] - lo] += 1
+    return count, mean, m2, vmin, vmax, zeros, nonfinite, lo, counts
+
+
+_norm_sketch = numba.njit(nogil=True, cache=False)(_norm_sketch_py)
+
+
+def _moments_py(n: int, shift: Any, power: Any) -> Any:
+    # statistics.site_block_partial: power sums about the shift -> central moments.
+    dims = shift.shape[0]
+    mean = np.empty(dims)
+    m2 = np.empty(dims)
+    m3 = np.empty(dims)
+    m4 = np.empty(dims)
+    for j in range(dims):
+        delta = power[0, j] / n
+        delta2 = delta * delta
+        mean[j] = shift[j] + delta
+        m2[j] = max(power[1, j] - n * delta2, 0.0)
+        m3[j] = power[2, j] - 3 * delta * power[1, j] + 2 * n * delta2 * delta
+        m4[j] = max(
+            power[3, j]
+            - 4 * delta * power[2, j]
+            + 6 * delta2 * power[1, j]
+            - 3 * n * delta2 * delta2,
+            0.0,
+        )
+    return mean, m2, m3, m4
+
+
+_moments = numba.njit(nogil=True, cache=False)(_moments_py)
+
+
+def _all_finite_py(power: Any, norm2: Any, vmin: Any, vmax: Any, limit: float) -> bool:
+    for k in range(power.shape[0]):
+        for j in range(power.shape[1]):
+            if not np.isfinite(power[k, j]):
+                return False
+    for i in range(norm2.shape[0]):
+        if not np.isfinite(norm2[i]):
+            return False
+    for j in range(vmin.shape[0]):  # noqa: SIM110 (numba compiles loops, not all(<genexpr>))
+        if not (-vmin[j] < limit and vmax[j] < limit):
+            return False
+    return True
+
+
+_all_finite = numba.njit(nogil=True, cache=False)(_all_finite_py)
+
+
+def _summary_f32_py(raw: Any, k: int, thresh: Any, log_gamma: float) -> Any:
+    shift = _round_shift(_first_sums_f32(raw, k) / k)
+    power, vmin, vmax, near, norm2 = _scan_f32(raw, shift, thresh)
+    ok = _all_finite(power, norm2, vmin, vmax, np.inf)
+    mean, m2, m3, m4 = _moments(raw.shape[0], shift, power)
+    return ok, mean, m2, m3, m4, vmin, vmax, near, _norm_sketch(norm2, log_gamma)
+
+
+def _summary_u16_py(raw: Any, half: bool, k: int, thresh: Any, log_gamma: float) -> Any:
+    shift = _round_shift(_first_sums_u16(raw, half, k) / k)
+    power, vmin, vmax, near, norm2 = _scan_u16(raw, half, shift, thresh)
+    # float16: the integer decoding maps inf/NaN to magnitudes >= 65536
+    ok = _all_finite(power, norm2, vmin, vmax, 65536.0 if half else np.inf)
+    mean, m2, m3, m4 = _moments(raw.shape[0], shift, power)
+    return ok, mean, m2, m3, m4, vmin, vmax, near, _norm_sketch(norm2, log_gamma)
+
+
+_summary_f32 = _jit(_summary_f32_py)
+_summary_u16 = _jit(_summary_u16_py)
+
+
+def summary(raw: np.ndarray, k: int, eps: float, log_gamma: float) -> Any:
+    """The whole summary of a C-contiguous stored block ``(n, D)``, ``n >= 1``, in one
+    call without the GIL: ``(ok, mean, m2, m3, m4, vmin, vmax, near_zero, norms)``.
+    The shift is the mean of the first ``k`` rows rounded to 16 significant bits;
+    ``norms`` is ``(count, mean, m2, min, max, zeros, nonfinite, offset, counts)`` of the
+    row norms. ``ok`` is False when a sum is not finite (NaN/inf data, float32
+    overflow, or float16 inf/NaN): the caller then redoes the block in float64."""
+    thresh = np.float32(eps)
+    if raw.dtype == np.float32:
+        return _summary_f32(raw, k, thresh, log_gamma)
+    return _summary_u16(raw.view(np.int16), raw.dtype == np.float16, k, thresh, log_gamma)
+
+
+def _merge_py(
+    na: float,
+    nb: float,
+    a_mean: Any,
+    a_m2: Any,
+    a_m3: Any,
+    a_m4: Any,
+    b_mean: Any,
+    b_m2: Any,
+    b_m3: Any,
+    b_m4: Any,
+) -> Any:
+    # statistics._merge_two's moment formulas (Chan et al. / Pebay), one pass, no GIL.
+    dims = a_mean.shape[0]
+    mean = np.empty(dims)
+    m2 = np.empty(dims)
+    m3 = np.empty(dims)
+    m4 = np.empty(dims)
+    n = na + nb
+    c2 = na * nb / n
+    c3 = na * nb * (na - nb) / (n * n)
+    c4 = na * nb * (na * na - na * nb + nb * nb) / (n**3)
+    for j in range(dims):
+        delta = b_mean[j] - a_mean[j]
+        d2 = delta * delta
+        mean[j] = a_mean[j] + delta * (nb / n)
+        m2[j] = a_m2[j] + b_m2[j] + d2 * c2
+        m3[j] = (
+            a_m3[j] + b_m3[j] + d2 * delta * c3 + 3.0 * delta * (na * b_m2[j] - nb * a_m2[j]) / n
+        )
+        m4[j] = (
+            a_m4[j]
+            + b_m4[j]
+            + d2 * d2 * c4
+            + 6.0 * d2 * (na * na * b_m2[j] + nb * nb * a_m2[j]) / (n * n)
+            + 4.0 * delta * (na * b_m3[j] - nb * a_m3[j]) / n
+        )
+    return mean, m2, m3, m4
+
+
+merge_moments = numba.njit(nogil=True, cache=False)(_merge_py)
+
+
 _WARM: set[str] = set()
 
 
@@ -295,4 +488,7 @@ def warm_up(dtype: Any = None) -> None:
             continue
         x = np.zeros((5, 3), kind)
         scan(x, first_sums(x, 1), 1e-6)
+        summary(x, 1, 1e-6, 0.01)
+        v = np.zeros(3)
+        merge_moments(1.0, 2.0, v, v, v, v, v, v, v, v)
         _WARM.add(family)

@@ -438,6 +438,14 @@ def site_block_partial(block: np.ndarray, eps: float, log_gamma: float) -> SiteP
         empty = NormPartial(0, 0.0, 0.0, math.inf, -math.inf, 0, 0, 0, _EMPTY)
         return SitePartial(0, nan, nan, nan, nan, nan, nan, zero, zero, empty)
     fused = _fused_module()
+    if fused is not None:
+        ok, mean, m2, m3, m4, vmin, vmax, near, norms = fused.summary(
+            raw, min(n, _slab_rows(dims)), eps, log_gamma
+        )
+        if ok:  # else: NaN/inf or float32 overflow, redone below in float64
+            return SitePartial(
+                n, mean, m2, m3, m4, vmin, vmax, near, np.zeros(dims, np.int64), NormPartial(*norms)
+            )
     with np.errstate(over="ignore", invalid="ignore"):
         sc = _scan(raw, eps, np.float32) if fused is None else _fused_scan(fused, raw, eps)
     nonfinite = np.zeros(dims, np.int64)
@@ -452,8 +460,7 @@ def site_block_partial(block: np.ndarray, eps: float, log_gamma: float) -> SiteP
         nonfinite = n - np.add.reduce(np.isfinite(as_float32(raw)), axis=0, dtype=np.int64)
     p = sc.power
     with np.errstate(over="ignore", invalid="ignore"):  # non-finite columns stay NaN/inf
-        # Products, not ``**``: numpy's float64 ``**3`` / ``**4`` go through libm's pow,
-        # which took most of a 4 MiB block's time outside the kernel (measured).
+        # Products rather than ``**`` (float64 ``**3`` goes through pow).
         delta = p[0] / n
         mean = sc.shift + delta
         delta2 = delta * delta
@@ -508,6 +515,23 @@ def _merge_two(a: SitePartial, b: SitePartial) -> SitePartial:
     if a.n == 0:
         return b
     na, nb = float(a.n), float(b.n)
+    fused = _fused_module()
+    if fused is not None:
+        mean, m2, m3, m4 = fused.merge_moments(
+            na, nb, a.mean, a.m2, a.m3, a.m4, b.mean, b.m2, b.m3, b.m4
+        )
+        return SitePartial(
+            n=a.n + b.n,
+            mean=mean,
+            m2=m2,
+            m3=m3,
+            m4=m4,
+            vmin=np.minimum(a.vmin, b.vmin),
+            vmax=np.maximum(a.vmax, b.vmax),
+            near_zero=a.near_zero + b.near_zero,
+            nonfinite=a.nonfinite + b.nonfinite,
+            norms=_merge_norms(a.norms, b.norms),
+        )
     n = na + nb
     delta = b.mean - a.mean
     d2 = delta * delta
@@ -753,7 +777,7 @@ def _row_blocks(arr: Any, start: int, stop: int) -> list[Delayed]:
 
 #: Raw (decoded) bytes of activations a statistics read task covers: whole storage chunks,
 #: at least one. A task reads its chunks one at a time, so its memory is one chunk.
-TASK_BYTES = 16 << 20
+TASK_BYTES = 32 << 20
 
 
 def _chunk_spans(
