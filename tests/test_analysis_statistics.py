@@ -676,3 +676,24 @@ def test_fused_and_numpy_merges_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     fin = finish_site(a, (9,), 6.0, lg, NORM_QUANTILES)
     np.testing.assert_allclose(fin["mean"], ref["mean"], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(fin["kurtosis"], ref["kurtosis"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("half", [True, False])
+def test_fused_16bit_decoder_is_exact_for_every_pattern(half: bool) -> None:
+    """All 65536 float16 / bfloat16 bit patterns: finite values decode exactly; float16
+    inf/NaN come out with magnitude >= 65536 (the caller's cue), bfloat16 NaN stays NaN."""
+    pytest.importorskip("numba")
+    from llminstr.analysis import _fused
+
+    patterns = np.arange(65536, dtype=np.uint16).view(np.int16)
+    bits = np.empty(65536, np.int32)
+    vals = bits.view(np.float32)
+    _fused._decode(patterns, bits, vals, half)
+    typed = patterns.view(np.float16) if half else patterns.view(ml_dtypes.bfloat16)
+    ref = typed.astype(np.float32)
+    finite = np.isfinite(ref)
+    np.testing.assert_array_equal(vals[finite].view(np.int32), ref[finite].view(np.int32))
+    if half:
+        assert (np.abs(vals[~finite]) >= 65536).all()
+    else:
+        np.testing.assert_array_equal(vals[~finite].view(np.int32), ref[~finite].view(np.int32))
