@@ -24,6 +24,7 @@ demo: $(STAMP)
 # that is not a failure of the suite.
 test: $(STAMP)
 	$(VENV)/bin/ruff check llminstr tests benchmarks readers tools
+	$(VENV)/bin/ruff format --check llminstr tests benchmarks readers tools
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -p no:cacheprovider; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
