@@ -566,13 +566,14 @@ def test_backpressure_blocks_without_losing_data(
 def test_encode_queue_is_bounded_per_encoder_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """However large the budget, at most QUEUED_CHUNKS_PER_THREAD x threads full chunks
-    wait for encoding; the producer waits beyond that (counted as stall), nothing is
-    lost."""
+    """However large the budget, at most one full chunk per array plus
+    QUEUED_CHUNKS_PER_THREAD per encoder thread wait for encoding; the producer waits
+    beyond that (counted as stall), nothing is lost."""
     from llminstr.storage import writer as writer_mod
 
     threads = 2
-    bound = writer_mod.QUEUED_CHUNKS_PER_THREAD * threads
+    arrays = 1 + 4  # one site, four token columns
+    bound = arrays + writer_mod.QUEUED_CHUNKS_PER_THREAD * threads
     gate = threading.Event()
     lock = threading.Lock()
     queued = [0, 0]  # now, most seen
@@ -605,6 +606,7 @@ def test_encode_queue_is_bounded_per_encoder_thread(
     ) as w:
         for lo in range(0, n, 8):
             w.append(token_columns(8, lo), {"a": x[lo : lo + 8]})
+    assert w.queue_chunks == bound
     # the counter moves after the real submit/encode calls: allow one chunk of slack each
     assert bound <= queued[1] <= bound + threads + 1
     assert w.stats().stall_seconds > 0

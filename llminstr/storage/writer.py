@@ -56,11 +56,10 @@ from llminstr.format import (
 from llminstr.storage.backends import ArrayDecl, HDF5Backend, StoreBackend, ZarrBackend
 from llminstr.storage.codec import ChunkCodec
 
-#: Full chunks that may wait for an encoder, per encoder thread; the producer waits
-#: (counted as stall) beyond that. A deeper queue only adds chunk buffers that are fresh
-#: memory, whose first touch page-faults in the producer's copy: on the development VM
-#: this bound moved the writer from 0.73 to 0.79 of its ceiling (median of 6
-#: interleaved runs, fp32 lz4 Zarr; docs/decisions.md). The memory budget still bounds
+#: Full chunks that may wait for an encoder: one per array plus this many per encoder
+#: thread; the producer waits (counted as stall) beyond that. A deeper queue only adds
+#: chunk buffers that are fresh memory, whose first touch page-faults in the producer's
+#: copy (docs/decisions.md has the measurements). The memory budget still bounds
 #: everything else (partial chunks of every array, frames waiting to be written).
 QUEUED_CHUNKS_PER_THREAD = 2
 DEFAULT_CHUNK_BYTES = 4 << 20  # aim for ~4 MiB raw per chunk of the widest array
@@ -364,8 +363,11 @@ class CaptureWriter:
         self._executor = ThreadPoolExecutor(
             self.encoder_threads, thread_name_prefix="llminstr-encode"
         )
-        # Chunks waiting for (or in) encoding: at most QUEUED_CHUNKS_PER_THREAD per encoder.
-        self._queue_slots = threading.Semaphore(QUEUED_CHUNKS_PER_THREAD * self.encoder_threads)
+        # Full chunks waiting for (or in) encoding: one per array (all arrays fill their
+        # chunks in the same forward pass, a burst the queue should absorb) plus
+        # QUEUED_CHUNKS_PER_THREAD per encoder.
+        self.queue_chunks = len(self._states) + QUEUED_CHUNKS_PER_THREAD * self.encoder_threads
+        self._queue_slots = threading.Semaphore(self.queue_chunks)
         self._producer_lock = threading.RLock()
         self._state_lock = threading.Lock()
         self._publish_lock = threading.Lock()
