@@ -506,3 +506,36 @@ def test_bad_output_path_fails_before_the_model_runs(tmp_path) -> None:  # type:
     handle.remove()
     assert calls == []
     assert not any(m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize(("stall", "limited"), [(0.0, False), (0.05, False), (0.2, True)])
+def test_pipeline_limited_needs_a_real_stall(
+    stall: float, limited: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A capture counts as pipeline-limited (and warns when below target) only when the
+    model waited more than STALL_FRACTION of the capture, not for a few milliseconds."""
+    import types
+
+    from llminstr import framework as framework_mod
+    from llminstr.storage.writer import WriterStats
+
+    assert framework_mod.STALL_FRACTION == 0.01
+    fw = InstrumentationFramework(InstrumentationConfig(progress=False))
+    stats = WriterStats(
+        rows=10,
+        raw_bytes=10**6,
+        stored_bytes=10**6,
+        activation_raw_bytes=10**6,
+        seconds=10.0,
+        stall_seconds=stall,
+        stall_events=1 if stall else 0,
+        peak_buffered_bytes=0,
+        chunks_written=1,
+        encoder_threads=2,
+        chunk_rows=16,
+    )
+    session = types.SimpleNamespace(path="x.zarr", writer=None, _step=3)
+    with caplog.at_level("WARNING", logger="llminstr"):
+        report = fw._report(stats, session)  # type: ignore[arg-type]
+    assert report["pipeline_limited"] is limited
+    assert ("held the model back" in caplog.text) is limited
