@@ -64,8 +64,8 @@ class InstrumentationConfig:
     max_memory_gb
         Host memory (GB, 1e9 bytes) that staging slabs, chunk assemblers and the encode
         queue may hold together. When it is spent, hooks block until the writer catches up.
-        (The encode queue itself holds at most two full chunks per encoder thread; hooks
-        also wait when it is full.)
+        (The encode queue itself holds at most one full chunk per array plus two per
+        encoder thread; hooks also wait when it is full.)
 
     The remaining fields are optional:
 
