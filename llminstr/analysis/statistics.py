@@ -416,17 +416,6 @@ def _fused_module() -> Any:
     return _fused
 
 
-def _fused_scan(fused: Any, raw: np.ndarray, eps: float) -> _Scan:
-    """:func:`_scan` by the fused numba kernel: one pass, float64 sums. The shift is the
-    same kind as the numpy kernel's (the first slab's mean, rounded by
-    :func:`_round_shift`); non-finite sums send the block to the numpy float64 kernel."""
-    n, dims = raw.shape
-    k = min(n, _slab_rows(dims))
-    shift = _round_shift(fused.first_sums(raw, k) / k)
-    power, vmin, vmax, near_zero, norm2 = fused.scan(raw, shift, eps)
-    return _Scan(shift, power, vmin, vmax, near_zero, norm2)
-
-
 def site_block_partial(block: np.ndarray, eps: float, log_gamma: float) -> SitePartial:
     """Summarise one block ``(rows, *features)`` of stored values (float32, float16 or
     raw bfloat16 bits as uint16) into a :class:`SitePartial`."""
@@ -438,7 +427,9 @@ def site_block_partial(block: np.ndarray, eps: float, log_gamma: float) -> SiteP
         empty = NormPartial(0, 0.0, 0.0, math.inf, -math.inf, 0, 0, 0, _EMPTY)
         return SitePartial(0, nan, nan, nan, nan, nan, nan, zero, zero, empty)
     fused = _fused_module()
+    sc: _Scan | None = None
     if fused is not None:
+        # The whole summary in numba, without the GIL (see _fused.summary).
         ok, mean, m2, m3, m4, vmin, vmax, near, norms = fused.summary(
             raw, min(n, _slab_rows(dims)), eps, log_gamma
         )
@@ -446,10 +437,11 @@ def site_block_partial(block: np.ndarray, eps: float, log_gamma: float) -> SiteP
             return SitePartial(
                 n, mean, m2, m3, m4, vmin, vmax, near, np.zeros(dims, np.int64), NormPartial(*norms)
             )
-    with np.errstate(over="ignore", invalid="ignore"):
-        sc = _scan(raw, eps, np.float32) if fused is None else _fused_scan(fused, raw, eps)
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            sc = _scan(raw, eps, np.float32)
     nonfinite = np.zeros(dims, np.int64)
-    if not (
+    if sc is None or not (
         np.isfinite(sc.power).all()
         and np.isfinite(sc.norm2).all()
         and (raw.dtype != np.float16 or max(-sc.vmin.min(), sc.vmax.max()) < _F16_LIMIT)
