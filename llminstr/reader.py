@@ -131,9 +131,12 @@ class _Source:
                 self.site, index, "the chunk is missing from the store"
             ) from None
         except _FrameTooLarge as exc:
-            raise CorruptChunkError(
-                self.site, index, f"frame of {exc.size} bytes exceeds {limit}"
-            ) from None
+            detail = (
+                f"the chunk file grew past its {exc.size} bytes while it was read"
+                if exc.grew
+                else f"frame of {exc.size} bytes exceeds {limit}"
+            )
+            raise CorruptChunkError(self.site, index, detail) from None
         if frame is None:
             raise CorruptChunkError(self.site, index, "the chunk is missing from the store")
         if len(frame) > limit:
@@ -186,9 +189,10 @@ class _Source:
 
 
 class _FrameTooLarge(Exception):
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, grew: bool = False) -> None:
         super().__init__(size)
         self.size = size
+        self.grew = grew  # the file held more bytes than its size said when opened
 
 
 _FRAME_BUFFER = threading.local()
@@ -217,7 +221,8 @@ def _read_zarr_frame(path: str, key: str, index: int, feature_ndim: int, limit: 
                 break
             got += n
     if got > size:
-        raise _FrameTooLarge(got)
+        # Chunk files are replaced by rename, never grown in place: someone else wrote it.
+        raise _FrameTooLarge(size, grew=True)
     return view[:got]
 
 

@@ -720,3 +720,28 @@ def test_sources_tokenize_by_identity_without_pickling(
         assert tokenize(a) != tokenize(cap._source("activations/b", "b"))
         a.rows -= 1
         assert tokenize(a) != tokenize(b)
+
+
+def test_zarr_chunk_file_growing_while_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk file that holds more bytes than its size said when opened (written in place
+    by someone else) is refused with a message that says so."""
+    from llminstr import reader
+
+    capture = make_capture(tmp_path / "c.zarr")
+    chunk = zarr_chunk(capture, "a", 1)
+    real = chunk.stat().st_size
+    original = os.fstat
+
+    def small_fstat(fd: int) -> os.stat_result:
+        st = original(fd)
+        if st.st_size == real:  # pretend the file was 10 bytes shorter when opened
+            fields = list(st)
+            fields[6] = real - 10
+            return os.stat_result(fields)
+        return st
+
+    monkeypatch.setattr(reader.os, "fstat", small_fstat)
+    with open_capture(capture) as cap, pytest.raises(CorruptChunkError, match="grew past its"):
+        cap._source("activations/a", "a").read_chunk(1)
