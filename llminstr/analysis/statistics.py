@@ -578,6 +578,19 @@ def _quantile_from_sketch(p: NormPartial, q: float, log_gamma: float) -> float:
     return min(max(value, p.vmin), p.vmax)
 
 
+def finish_partials(
+    parts: Sequence[SitePartial],
+    feature_shape: Sequence[int],
+    outlier_factor: float,
+    log_gamma: float,
+    quantiles: Sequence[float],
+) -> dict[str, Any]:
+    """:func:`finish_site` of the merge of ``parts`` (the graph's per-site last task)."""
+    return finish_site(
+        merge_site_partials(*parts), feature_shape, outlier_factor, log_gamma, quantiles
+    )
+
+
 def finish_site(
     part: SitePartial,
     feature_shape: Sequence[int],
@@ -864,8 +877,13 @@ def statistics_for_site(
         )
         for i, span in enumerate(_chunk_spans(start, stop, cap.chunk_rows, per_task))
     ]
-    merged = tree_reduce(blocks, merge_site_partials, fan_in)
-    final = delayed(finish_site, pure=True)(merged, shape, factor, log_gamma, qs)
+    # The last merge happens inside the finishing task (one task fewer per site).
+    while len(blocks) > fan_in:
+        blocks = [
+            delayed(merge_site_partials, pure=True)(*blocks[i : i + fan_in])
+            for i in range(0, len(blocks), fan_in)
+        ]
+    final = delayed(finish_partials, pure=True)(blocks, shape, factor, log_gamma, qs)
     out: dict[str, Any] = {
         "site": name,
         "rows": [start, stop],
