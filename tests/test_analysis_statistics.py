@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from llminstr.analysis import analyze_activations, compute
 from llminstr.analysis.statistics import (
+    LAZY_KEYS,
     NORM_QUANTILES,
     PASSES,
     PER_DIM_KEYS,
@@ -621,6 +622,7 @@ def test_lazy_items_compute_their_parent_once(
     """``compute`` answers the per-statistic lazy items from their parent (one task per
     site), and plain ``dask.compute`` gives the same values."""
     import dask
+    from dask.callbacks import Callback
 
     from llminstr.analysis import statistics as stats_mod
 
@@ -638,8 +640,13 @@ def test_lazy_items_compute_their_parent_once(
     # finish_site is looked up when the graph is built
     monkeypatch.setattr(stats_mod, "finish_site", counting)
     counted = statistics_for_site(path, "a", eps=EPS, outlier_factor=4.0)
-    ours = compute({"s": counted, "n": [counted["mean"], (counted["std"],)]})
+    ran: list[Any] = []
+    with Callback(posttask=lambda key, *rest: ran.append(key)):
+        ours = compute({"s": counted, "n": [counted["mean"], (counted["std"],)]})
     assert len(calls) == 1
+    # no per-item task ran: the items were taken from the parent's value
+    items = {counted[k].key for k in (*PER_DIM_KEYS, *LAZY_KEYS)}
+    assert ran and not items & set(ran)
     assert isinstance(ours["n"], list) and isinstance(ours["n"][1], tuple)
     np.testing.assert_array_equal(ours["n"][0], ours["s"]["mean"])
     (plain,) = dask.compute(site)

@@ -1,20 +1,22 @@
 """Fused one-pass block kernel of the per-site statistics, compiled with numba.
 
-:func:`scan` reads a stored block ``(n, D)`` once, eight rows at a time, vectorised
+:func:`summary` reads a stored block ``(n, D)`` once, eight rows at a time, vectorised
 across the columns. Per column it accumulates the power sums ``sum((x - shift)**k)``
-(``k = 1..4``), the extremes and the count of ``|x| < eps``, and per row the squared norm
+(``k = 1..4``) about a shift (the mean of the first rows, rounded to 16 significant
+bits), the extremes and the count of ``|x| < eps``, and per row the squared norm
 ``sum(x**2)`` (float32, one function for every row so that it does not depend on how a
-block's rows are grouped). The elementwise work is float32, like the numpy kernel's: ``x - shift`` is
-exact for most ``x`` (the shift has 16 significant bits), the eight terms of a row group
-are added in a tree, the sums of four row groups (32 rows) are added in float32 and then
-into float64 totals (the numpy kernel adds 64 rows in float32). float16 and bfloat16 (raw
-bits as int16) are decoded eight rows at a time into a float32 buffer with integer
-operations (:func:`_decode`). The shift is the caller's (:func:`first_sums` gives the
-column sums of the first rows it is derived from).
+block's rows are grouped); it then converts the sums to central moments and the norms
+to the row-norm sketch, all without the GIL. The elementwise work is float32, like the
+numpy kernel's: ``x - shift`` is exact for most ``x``, the eight terms of a row group are
+added in a tree, the sums of four row groups (32 rows) are added in float32 and then into
+float64 totals (the numpy kernel adds 64 rows in float32). float16 and bfloat16 (raw bits
+as int16) are decoded eight rows at a time into a float32 buffer with integer operations
+(:func:`_decode`). :func:`merge_moments` merges two partials' moments.
 
-The caller (:mod:`llminstr.analysis.statistics`) checks the sums: a block holding NaN/inf,
-or whose float32 ``(x - shift)**4`` overflows (``|x - shift| > ~4e9``), gives non-finite
-sums and is redone by the numpy float64 kernel, which also counts the non-finite entries.
+:func:`summary` also says (``ok``) whether its sums are finite: a block holding NaN/inf,
+or whose float32 ``(x - shift)**4`` overflows (``|x - shift| > ~4e9``), is redone by the
+caller (:mod:`llminstr.analysis.statistics`) with the numpy float64 kernel, which also
+counts the non-finite entries.
 
 The kernels release the GIL (``nogil``) so that the threaded scheduler runs blocks in
 parallel. They are compiled once per process, for the stored dtypes actually met, and not
@@ -255,33 +257,6 @@ _first_sums_f32 = _jit(_first_sums_f32_py)
 _first_sums_u16 = _jit(_first_sums_u16_py)
 
 
-def first_sums(raw: np.ndarray, k: int) -> np.ndarray:
-    """float64 column sums of the first ``k`` rows of a C-contiguous stored block."""
-    if raw.dtype == np.float32:
-        out: np.ndarray = _first_sums_f32(raw, k)
-    else:
-        out = _first_sums_u16(raw.view(np.int16), raw.dtype == np.float16, k)
-    return out
-
-
-def scan(
-    raw: np.ndarray, shift: np.ndarray, eps: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """One pass over a C-contiguous stored block ``(n, D)`` (float32, float16, or raw
-    bfloat16 bits as uint16): ``(power[4, D], vmin[D], vmax[D], near_zero[D],
-    norm2[n])``, where ``power[k - 1] = sum((x - shift)**k)`` (float64), the extremes
-    are float64, ``near_zero`` counts ``|x| < float32(eps)`` and ``norm2`` holds the
-    squared row norms (float64)."""
-    thresh = np.float32(eps)
-    shift64 = np.ascontiguousarray(shift, dtype=np.float64)
-    if raw.dtype == np.float32:
-        res = _scan_f32(raw, shift64, thresh)
-    else:
-        res = _scan_u16(raw.view(np.int16), raw.dtype == np.float16, shift64, thresh)
-    power, vmin, vmax, near, norm2 = res
-    return power, vmin, vmax, near, norm2
-
-
 # ------------------------------------------------------------------ whole block summary
 # Everything a block partial needs, computed without the GIL: with two threads the numpy
 # and Python steps around the scan (shift, moments, the row-norm sketch, about thirty
@@ -488,7 +463,6 @@ def warm_up(dtype: Any = None) -> None:
         if family in _WARM:
             continue
         x = np.zeros((5, 3), kind)
-        scan(x, first_sums(x, 1), 1e-6)
         summary(x, 1, 1e-6, 0.01)
         v = np.zeros(3)
         merge_moments(1.0, 2.0, v, v, v, v, v, v, v, v)

@@ -512,36 +512,25 @@ def _merge_two(a: SitePartial, b: SitePartial) -> SitePartial:
         mean, m2, m3, m4 = fused.merge_moments(
             na, nb, a.mean, a.m2, a.m3, a.m4, b.mean, b.m2, b.m3, b.m4
         )
-        return SitePartial(
-            n=a.n + b.n,
-            mean=mean,
-            m2=m2,
-            m3=m3,
-            m4=m4,
-            vmin=np.minimum(a.vmin, b.vmin),
-            vmax=np.maximum(a.vmax, b.vmax),
-            near_zero=a.near_zero + b.near_zero,
-            nonfinite=a.nonfinite + b.nonfinite,
-            norms=_merge_norms(a.norms, b.norms),
+    else:
+        n = na + nb
+        delta = b.mean - a.mean
+        d2 = delta * delta
+        mean = a.mean + delta * (nb / n)
+        m2 = a.m2 + b.m2 + d2 * (na * nb / n)
+        m3 = (
+            a.m3
+            + b.m3
+            + d2 * delta * (na * nb * (na - nb) / (n * n))
+            + 3.0 * delta * (na * b.m2 - nb * a.m2) / n
         )
-    n = na + nb
-    delta = b.mean - a.mean
-    d2 = delta * delta
-    mean = a.mean + delta * (nb / n)
-    m2 = a.m2 + b.m2 + d2 * (na * nb / n)
-    m3 = (
-        a.m3
-        + b.m3
-        + d2 * delta * (na * nb * (na - nb) / (n * n))
-        + 3.0 * delta * (na * b.m2 - nb * a.m2) / n
-    )
-    m4 = (
-        a.m4
-        + b.m4
-        + d2 * d2 * (na * nb * (na * na - na * nb + nb * nb) / (n**3))
-        + 6.0 * d2 * (na * na * b.m2 + nb * nb * a.m2) / (n * n)
-        + 4.0 * delta * (na * b.m3 - nb * a.m3) / n
-    )
+        m4 = (
+            a.m4
+            + b.m4
+            + d2 * d2 * (na * nb * (na * na - na * nb + nb * nb) / (n**3))
+            + 6.0 * d2 * (na * na * b.m2 + nb * nb * a.m2) / (n * n)
+            + 4.0 * delta * (na * b.m3 - nb * a.m3) / n
+        )
     return SitePartial(
         n=a.n + b.n,
         mean=mean,
