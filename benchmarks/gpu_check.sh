@@ -2,25 +2,50 @@
 # One-shot GPU check on a lent CUDA machine, which reaches no network: prepare the wheels it
 # lacks here first (bash benchmarks/gpu_wheels.sh), carry ".gpu-wheels" with the run, and run
 #   bash benchmarks/gpu_check.sh
-# It runs the CUDA tests, then the capture benchmarks on the GPU, and prints a short table.
+# It runs the CUDA tests (and the capture tests, as a check of that machine's library
+# versions), the capture benchmarks on the GPU and a profile of the hooks, and prints a
+# short table last. Full logs go to $OUT (default /tmp/llminstr-gpu).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/llminstr-gpu}
 mkdir -p "$OUT"
 PY=${PY:-python3}  # on the GPU image, the python that holds torch
-export PYTHONPATH=$PWD  # llminstr from the working tree, no install step
-if [ -d .gpu-wheels ]; then
-  $PY -m pip install -q --no-index --no-deps .gpu-wheels/*.whl 2>&1 | tail -3
+export PYTHONUNBUFFERED=1
+if [ -d .gpu-wheels ]; then  # into a folder of their own: the image's environment stays as it is
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/llminstr-site .gpu-wheels/*.whl 2>&1 | tail -3
+  export PYTHONPATH=$PWD:/tmp/llminstr-site
+else
+  export PYTHONPATH=$PWD  # llminstr from the working tree, no install step
 fi
-$PY - <<'PYEOF'
-import torch
-print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader
+$PY - <<'PYEOF' 2>&1 | tee "$OUT/env.txt"
+import sys, torch
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")
-import llminstr, zarr, numcodecs, dask
-print("llminstr", llminstr.__version__, "zarr", zarr.__version__, "numcodecs", numcodecs.__version__)
+import llminstr, zarr, numcodecs, dask, numpy, numba, transformers
+print("llminstr", llminstr.__version__, "zarr", zarr.__version__, "numcodecs", numcodecs.__version__,
+      "dask", dask.__version__, "numpy", numpy.__version__, "numba", numba.__version__,
+      "transformers", transformers.__version__)
 PYEOF
-echo "== CUDA tests"
-timeout 240 $PY -m pytest -q -m cuda tests/test_capture.py -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/cuda_tests.txt"
-echo "== GPU capture benchmarks (overhead on a GPT-2-small shape, sink, memory)"
-timeout 300 $PY benchmarks/bench_capture.py --device cuda --quick --json "$OUT/bench_gpu.json" 2>&1 \
-  | grep -v "held the model back" | tail -8 | tee "$OUT/bench_gpu.txt"
+
+echo "== tests: CUDA staging (device and stand-in) + the capture engine"
+timeout 150 $PY -m pytest -q -p no:cacheprovider -rs --timeout 60 \
+  tests/test_cuda.py tests/test_staging.py tests/test_capture.py >"$OUT/tests.txt" 2>&1
+echo "pytest exit $?"; tail -25 "$OUT/tests.txt"
+
+echo "== hooks during a captured generate: wall and CPU per token"
+timeout 90 $PY benchmarks/gpu_profile.py >"$OUT/profile.txt" 2>&1
+echo "profile exit $?"; tail -8 "$OUT/profile.txt"
+SPY=$(command -v py-spy || ls /tmp/llminstr-site/bin/py-spy 2>/dev/null)
+if [ -n "$SPY" ]; then  # stacks of every thread, waiting included, for reading offline
+  timeout 90 "$SPY" record --threads --idle --nonblocking -r 200 -f raw -o "$OUT/spy_captured.txt" \
+    -- $PY benchmarks/gpu_profile.py --repeats 1 >/dev/null 2>"$OUT/spy.log"
+  echo "py-spy exit $? ($(wc -l <"$OUT/spy_captured.txt" 2>/dev/null) stacks)"
+fi
+
+echo "== capture benchmarks on the GPU"
+timeout 220 $PY benchmarks/bench_capture.py --device cuda --json "$OUT/bench_gpu.json" \
+  >"$OUT/bench_gpu.txt" 2>&1
+echo "bench exit $?"
+grep -v "held the model back" "$OUT/bench_gpu.txt" | tail -10

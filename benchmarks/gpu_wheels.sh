@@ -9,7 +9,9 @@ PIP=${PIP:-.venv/bin/pip}
 rm -rf .gpu-wheels && mkdir -p .gpu-wheels
 "$PIP" download -q --only-binary=:all: --no-deps --implementation cp --python-version 3.12 \
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+  --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 \
   -d .gpu-wheels \
   "zarr==3.1.6" "numcodecs>=0.13" "crc32c>=2.4" google-crc32c donfig "dask==2026.8.0" partd locket \
-  "jsonschema>=4.20" referencing rpds-py jsonschema-specifications typing_extensions
+  "jsonschema>=4.20" referencing rpds-py jsonschema-specifications typing_extensions \
+  pytest-timeout py-spy
 du -sh .gpu-wheels

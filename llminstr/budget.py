@@ -134,6 +134,21 @@ class MemoryBudget:
                 raise RuntimeError("memory budget released more bytes than were acquired")
             self._cond.notify_all()
 
+    @property
+    def failure(self) -> BaseException | None:
+        """The error the pipeline was poisoned with, if any."""
+        return self._poison
+
+    def wait(self, timeout: float) -> None:
+        """Block until bytes are released, :meth:`notify` is called, or ``timeout``."""
+        with self._cond:
+            self._cond.wait(timeout)
+
+    def notify(self) -> None:
+        """Wake :meth:`wait` and :meth:`acquire` waiters (something they wait on changed)."""
+        with self._cond:
+            self._cond.notify_all()
+
     def poison(self, exc: BaseException) -> None:
         with self._cond:
             self._poison = exc

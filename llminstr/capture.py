@@ -12,8 +12,6 @@ exactly once, so row ``i`` is the same token in every array.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -24,12 +22,16 @@ import torch
 
 from llminstr.budget import MemoryBudget
 from llminstr.config import InstrumentationConfig
-from llminstr.errors import CaptureStateError, FormatError, LlminstrError
+from llminstr.errors import CaptureStateError, FormatError
 from llminstr.format import SiteInfo, logical_dtype_name
 from llminstr.sites import SiteSpec
+from llminstr.staging import CudaStager, DeviceOps
 from llminstr.storage.writer import CaptureWriter, WriterStats
 
 log = logging.getLogger("llminstr")
+
+#: The device calls of the CUDA path (tests put a CPU stand-in here).
+DEVICE_OPS = DeviceOps()
 
 _TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -61,6 +63,7 @@ class PassPlan:
         self._load = load_inputs
         self._keep_padding = keep_padding
         self._resolved = False
+        self.tokens_delivered = False
         self.keep: np.ndarray | None = None
         self.tokens: dict[str, np.ndarray] = {}
         self.n_rows = 0
@@ -161,7 +164,8 @@ class CaptureSession:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._plan: PassPlan | None = None
         self._fired: list[bool] = [False] * len(self.sites)
-        self._first_pass: list[tuple[int, np.ndarray]] | None = []
+        self._layouts: list[Any] = [None] * len(self.sites)
+        self._first_pass: dict[int, list[np.ndarray]] | None = {}
         self._first_tokens: dict[str, np.ndarray] = {}
         self._step = 0
         self._next_sequence = 0
@@ -169,7 +173,8 @@ class CaptureSession:
         self._rows = 0
         self._raw_bytes = 0
         self._started = time.perf_counter()
-        self._stager: _CudaStager | None = None
+        self._ops = DEVICE_OPS
+        self._stager: CudaStager | None = None
         self._progress = _Progress(progress, self.budget)
         self._extra_columns = ["is_padding"] if config.padding == "keep" else []
         self.failed: BaseException | None = None
@@ -216,11 +221,9 @@ class CaptureSession:
         if past == 0 or self._live_sequences is None or len(self._live_sequences) != batch:
             self._live_sequences = np.arange(self._next_sequence, self._next_sequence + batch)
             self._next_sequence += batch
-        on_cuda = any(t is not None and t.is_cuda for t in (input_ids, mask))
-        if on_cuda:
-            if self._stager is None:
-                self._stager = _CudaStager(self)
-            loader = self._stager.stage_inputs(input_ids, mask)
+        on_device = any(t is not None and self._ops.handles(t) for t in (input_ids, mask))
+        if on_device:
+            loader = self._staging().stage_inputs(input_ids, mask)
         else:
             ids_np = input_ids.detach().numpy() if input_ids is not None else None
             mask_np = mask.detach().numpy() if mask is not None else None
@@ -260,14 +263,16 @@ class CaptureSession:
 
     def _post_hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         plan, self._plan = self._plan, None
-        if plan is None:
-            return
+        if plan is None or output is None:
+            return  # (torch calls this hook with no output when the forward raised)
         missing = [self.sites[i][0].name for i, f in enumerate(self._fired) if not f]
         if missing:
             raise FormatError(
                 f"sites {missing} did not run in forward step {plan.step}; rows would no longer "
                 "align. Choose sites that run in every pass."
             )
+        if self._stager is not None:  # the first pass goes to the drain at once
+            self._stager.end_pass(plan, force=self._first_pass is not None)
         if self._first_pass is not None:
             self._open_writer(plan)
         self._progress.update(plan.batch * plan.seq_len, self._raw_bytes, self._started)
@@ -283,7 +288,10 @@ class CaptureSession:
             )
         return tensor.dtype
 
-    def _on_site(self, index: int, plan: PassPlan, tensor: torch.Tensor) -> None:
+    def _layout(
+        self, index: int, plan: PassPlan, tensor: torch.Tensor
+    ) -> tuple[int, tuple[int, ...], torch.dtype]:
+        """Rows, feature shape and storage dtype of a site output of this shape."""
         spec = self.sites[index][0]
         rows_total = plan.batch * plan.seq_len
         if tensor.dim() >= 3 and tuple(tensor.shape[:2]) == (plan.batch, plan.seq_len):
@@ -295,45 +303,76 @@ class CaptureSession:
                 f"site {spec.name!r} returned shape {tuple(tensor.shape)}; expected "
                 f"({plan.batch}, {plan.seq_len}, ...) for this pass"
             )
-        flat = tensor.detach().reshape(rows_total, *feature)
-        dtype = self._storage_dtype(flat, spec)
-        fresh = flat.dtype != dtype
-        if fresh:
-            flat = flat.to(dtype)
-        if flat.is_cuda:
-            if self._stager is None:
-                self._stager = _CudaStager(self)
-            # The model may change its output in place once the hook returns (Falcon adds
-            # the attention output into the MLP output): snapshot it on the producing stream
-            # first. A device-to-device copy is cheap next to the copy to the host.
-            self._stager.stage(index, plan, flat if fresh else flat.clone())
-        else:
-            self._deliver(index, plan, flat)
+        return rows_total, feature, self._storage_dtype(tensor, spec)
 
-    def _deliver(self, index: int, plan: PassPlan, host: torch.Tensor) -> None:
-        """Hand host rows of one site for one pass to the writer (or the first-pass buffer).
-        ``host`` holds every position of the pass; only the planned rows are kept."""
-        plan.resolve()
-        rows = _host_rows(host, plan.keep)
-        self._raw_bytes += rows.nbytes
-        if index == 0:
-            self._rows += plan.n_rows
-        if self._first_pass is not None:
-            self._first_pass.append((index, np.array(rows, copy=True)))
+    def _on_site(self, index: int, plan: PassPlan, tensor: torch.Tensor) -> None:
+        # This runs for every site in every pass (every decode step): the layout of a
+        # shape seen in the last pass is looked up, not worked out again.
+        key = (tensor.shape, tensor.dtype, plan.batch, plan.seq_len)
+        cached = self._layouts[index]
+        if cached is None or cached[0] != key:
+            cached = self._layouts[index] = (key, *self._layout(index, plan, tensor))
+        _, rows_total, feature, dtype = cached
+        if tensor.requires_grad:
+            tensor = tensor.detach()
+        fresh = tensor.dtype != dtype
+        if fresh:
+            tensor = tensor.to(dtype)
+        if self._ops.handles(tensor):
+            # The model may change its output in place once the hook returns (Falcon adds
+            # the attention output into the MLP output): the stager copies it on the
+            # producing stream, or snapshots it there first (see llminstr.staging).
+            self._staging().stage(index, plan, tensor, rows_total, feature, fresh)
+        else:
+            plan.resolve()
             if index == 0:
-                self._first_tokens = plan.tokens
+                self.deliver_tokens([plan])
+            flat = tensor.reshape(rows_total, *feature)
+            self.deliver_rows(index, _host_rows(flat, plan.keep))
+
+    def _staging(self) -> CudaStager:
+        if self._stager is None:
+            self._stager = CudaStager(self, len(self.sites), self.budget, self._ops)
+        return self._stager
+
+    def deliver_rows(self, index: int, rows: np.ndarray) -> None:
+        """Hand kept host rows of one site to the writer (or the first-pass buffer)."""
+        self._raw_bytes += rows.nbytes
+        if self._first_pass is not None:
+            self._first_pass.setdefault(index, []).append(np.array(rows, copy=True))
             return
         assert self.writer is not None
-        if index == 0:
-            self.writer.write_tokens(plan.tokens)
         self.writer.write_site(self.sites[index][0].name, rows)
+
+    def deliver_tokens(self, plans: list[PassPlan]) -> None:
+        """Hand the token rows of finished passes to the writer (or the first-pass buffer),
+        once per pass (a pass with sites on the host and on the device reaches here twice)."""
+        plans = [p for p in plans if not p.tokens_delivered]
+        if not plans:
+            return
+        for plan in plans:
+            plan.resolve()
+            plan.tokens_delivered = True
+            self._rows += plan.n_rows
+        if len(plans) == 1:
+            tokens = plans[0].tokens
+        else:
+            tokens = {c: np.concatenate([p.tokens[c] for p in plans]) for c in plans[0].tokens}
+        if self._first_pass is not None:
+            self._first_tokens = tokens
+            return
+        assert self.writer is not None
+        self.writer.write_tokens(tokens)
 
     def _open_writer(self, plan: PassPlan) -> None:
         """The first pass tells every site's feature shape and dtype: create the writer."""
         if self._stager is not None:
             self._stager.flush()
         assert self._first_pass is not None
-        by_index = dict(self._first_pass)
+        by_index = {
+            i: parts[0] if len(parts) == 1 else np.concatenate(parts)
+            for i, parts in self._first_pass.items()
+        }
         infos = []
         for i, (spec, _module) in enumerate(self.sites):
             rows = by_index[i]
@@ -368,10 +407,12 @@ class CaptureSession:
             capture_config=cfg.to_dict(),
             extra_token_columns=self._extra_columns,
         )
-        first, self._first_pass = self._first_pass, None
+        self._first_pass = None
         self.writer.write_tokens(self._first_tokens)
-        for index, rows in first:
+        for index, rows in by_index.items():
             self.writer.write_site(self.sites[index][0].name, rows)
+        if self._stager is not None:  # arenas get what the writer's minimum leaves
+            self._stager.set_cap(self.budget.limit - self.writer.floor_bytes)
 
     # ---------------------------------------------------------------- end
     def finish(self, exc: BaseException | None) -> WriterStats | None:
@@ -379,7 +420,7 @@ class CaptureSession:
         try:
             if self._stager is not None:
                 try:
-                    self._stager.close(drain=exc is None)
+                    self._stager.close()
                 except BaseException as stager_exc:
                     exc = exc or stager_exc
                     if self.writer is not None:
@@ -442,161 +483,3 @@ def _past_length(kwargs: Mapping[str, Any], mask: torch.Tensor | None, seq_len: 
     if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)):
         return int(cache[0][0].shape[-2])
     return 0
-
-
-def _cuda() -> Any:
-    """``torch.cuda``, untyped (its stream and event constructors carry no annotations)."""
-    return torch.cuda
-
-
-class _CudaStager:
-    """Device -> pinned host copies on a dedicated stream; a drain thread hands finished
-    copies to the writer in order.
-
-    For each site output: an event recorded on the producing stream, waited on by the copy
-    stream; a ``non_blocking`` copy into a pinned slab; ``record_stream`` so the caching
-    allocator does not reuse the source before the copy ran; a completion event the drain
-    thread waits on. The compute stream is never synchronised. Slabs come from a pool whose
-    bytes count against the capture's memory budget.
-    """
-
-    def __init__(self, session: CaptureSession) -> None:
-        self.session = session
-        self.copy_stream = _cuda().Stream()
-        self._free: dict[int, list[torch.Tensor]] = {}
-        self._pool_bytes = 0
-        self._pool_cond = threading.Condition()
-        self._queue: queue.Queue[Any] = queue.Queue()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._drain, name="llminstr-cuda-drain", daemon=True)
-        self._thread.start()
-
-    def _slab(self, nbytes: int) -> torch.Tensor:
-        size = 1 << max(12, (nbytes - 1).bit_length())
-        budget = self.session.budget
-        with self._pool_cond:
-            while True:
-                free = self._free.get(size)
-                if free:
-                    return free.pop()
-                # Never block on the budget while holding the pool lock: the drain thread
-                # needs the lock to give slabs back.
-                if budget.try_acquire(size):
-                    self._pool_bytes += size
-                    return torch.empty(size, dtype=torch.uint8, pin_memory=True)
-                # Budget spent: ask the writer for pooled buffers, give back idle slabs of
-                # other sizes, else wait for a slab to come back.
-                if budget.reclaim(size) > 0:
-                    continue
-                idle = False
-                for other, slabs in self._free.items():
-                    while slabs:
-                        slabs.pop()
-                        budget.release(other)
-                        self._pool_bytes -= other
-                        idle = True
-                if idle:
-                    continue
-                self._raise_if_failed()
-                start = time.perf_counter()
-                self._pool_cond.wait(timeout=0.5)
-                budget.add_stall(time.perf_counter() - start)  # counted like writer stalls
-
-    def _give_back(self, slab: torch.Tensor) -> None:
-        with self._pool_cond:
-            self._free.setdefault(slab.numel(), []).append(slab)
-            self._pool_cond.notify_all()
-
-    def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            raise LlminstrError(f"CUDA staging failed: {self._error!r}") from self._error
-
-    def stage_inputs(
-        self, input_ids: torch.Tensor | None, mask: torch.Tensor | None
-    ) -> Callable[[], tuple[np.ndarray | None, np.ndarray | None]]:
-        """Copy the pass's token ids and mask to pinned memory on the copy stream; return a
-        loader that waits for that copy only."""
-        producer = torch.cuda.current_stream()
-        ready = _cuda().Event()
-        ready.record(producer)
-        staged: list[torch.Tensor | None] = []
-        with torch.cuda.stream(self.copy_stream):
-            self.copy_stream.wait_event(ready)
-            for t in (input_ids, mask):
-                if t is None:
-                    staged.append(None)
-                    continue
-                src = t.detach()
-                if src.is_cuda:
-                    host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
-                    host.copy_(src, non_blocking=True)
-                    src.record_stream(self.copy_stream)
-                else:
-                    host = src
-                staged.append(host)
-            done = _cuda().Event()
-            done.record(self.copy_stream)
-
-        def load() -> tuple[np.ndarray | None, np.ndarray | None]:
-            done.synchronize()
-            ids, m = staged
-            return (
-                ids.numpy() if ids is not None else None,
-                m.numpy() if m is not None else None,
-            )
-
-        return load
-
-    def stage(self, index: int, plan: PassPlan, flat: torch.Tensor) -> None:
-        self._raise_if_failed()
-        src = flat.contiguous()
-        nbytes = src.numel() * src.element_size()
-        slab = self._slab(max(nbytes, 1))
-        producer = torch.cuda.current_stream(src.device)
-        ready = _cuda().Event()
-        ready.record(producer)
-        with torch.cuda.stream(self.copy_stream):
-            self.copy_stream.wait_event(ready)
-            view = slab[:nbytes].view(src.dtype).view(src.shape)
-            view.copy_(src, non_blocking=True)
-            src.record_stream(self.copy_stream)
-            done = _cuda().Event()
-            done.record(self.copy_stream)
-        self._queue.put((index, plan, slab, src.dtype, tuple(src.shape), done))
-
-    def _drain(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                self._queue.task_done()
-                return
-            try:
-                if self._error is None:
-                    index, plan, slab, dtype, shape, done = item
-                    done.synchronize()  # waits for this copy only
-                    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-                    host = slab[:nbytes].view(dtype).view(shape)
-                    self.session._deliver(index, plan, host)
-                    self._give_back(slab)
-            except BaseException as exc:  # reported to the producer thread, never swallowed
-                self._error = exc
-                with self._pool_cond:
-                    self._pool_cond.notify_all()
-            finally:
-                if item is not None:
-                    self._queue.task_done()
-
-    def flush(self) -> None:
-        self._queue.join()
-        self._raise_if_failed()
-
-    def close(self, drain: bool) -> None:
-        if drain:
-            self._queue.join()
-        self._queue.put(None)
-        self._thread.join()
-        with self._pool_cond:
-            for size, slabs in self._free.items():
-                self.session.budget.release(size * len(slabs))
-            self._free.clear()
-        self._raise_if_failed()

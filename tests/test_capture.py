@@ -124,14 +124,14 @@ def _reference_rows(
     masks: list[torch.Tensor] = []
 
     def pre(mod, args, kwargs):
-        masks.append(kwargs["attention_mask"].clone())
+        masks.append(kwargs["attention_mask"].cpu().clone())
 
     handles = [model.register_forward_pre_hook(pre, with_kwargs=True)]
     for name, mod in modules.items():
 
         def hook(m, a, out, name=name):
             t = out[0] if isinstance(out, tuple) else out
-            outputs[name].append(t.detach().clone())
+            outputs[name].append(t.detach().cpu().clone())
 
         handles.append(mod.register_forward_hook(hook))
     try:
@@ -420,7 +420,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 @pytest.mark.cuda
 @cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_generate_matches_cpu_path(dtype: torch.dtype, tmp_path) -> None:
     model = _tiny("llama", dtype).cuda()
     fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.2, chunk_rows=8))

@@ -279,6 +279,7 @@ class CaptureWriter:
             )
         # One buffer per array, plus room for the widest chunk and its frame in flight.
         floor = sum(row_bytes) * chunk_rows + 2 * self._codec.frame_bound(widest) + widest
+        self.floor_bytes = floor  # the least budget the writer needs to make progress
         if floor > budget.limit:
             raise ConfigError(
                 f"memory budget of {budget.limit / 1e9:.3g} GB is too small for {len(sites)} sites "

@@ -1,0 +1,261 @@
+"""The staging path of the capture engine (llminstr.staging) run on the CPU: a stand-in for
+the CUDA calls sends CPU tensors through the arenas, batches and drain thread, so the
+bookkeeping (rows, padding, pass batches, the memory budget, arena release, failures) is
+tested without a GPU. tests/test_cuda.py checks the same path on a real device."""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import llminstr_threads
+from test_capture import _check_rows_match
+
+from llminstr import InstrumentationConfig, InstrumentationFramework, capture, staging
+from llminstr.errors import FormatError, LlminstrError
+from llminstr.reader import open_capture
+from llminstr.storage.writer import CaptureWriter
+
+
+class _Stream:
+    def wait_event(self, event: object) -> None:
+        pass
+
+
+class _Event:
+    def synchronize(self) -> None:
+        pass  # CPU copies are done when copy_ returns
+
+
+class FakeOps(staging.DeviceOps):
+    """Every tensor counts as a device tensor; copies are plain CPU copies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stream = _Stream()
+        self.allocated = 0
+        self.released = 0
+
+    def handles(self, tensor: torch.Tensor) -> bool:
+        return True
+
+    def current_stream(self, device: torch.device) -> Any:
+        return self.stream
+
+    def new_stream(self, device: torch.device) -> Any:
+        return _Stream()
+
+    def record_event(self, stream: Any) -> Any:
+        return _Event()
+
+    def use_stream(self, stream: Any) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def record_stream(self, tensor: torch.Tensor, stream: Any) -> None:
+        pass
+
+    def host_copy(self, src: torch.Tensor) -> torch.Tensor:
+        return src.clone()
+
+    def pinned(self, nbytes: int) -> tuple[np.ndarray, torch.Tensor, Callable[[], None]]:
+        array = np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.uint8)
+        array[:] = 0xA5  # poison: a row the drain reads before it was copied shows
+        self.allocated += 1
+
+        def release() -> None:
+            self.released += 1
+
+        return array, torch.from_numpy(array), release
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOps]:
+    ops = FakeOps()
+    monkeypatch.setattr(capture, "DEVICE_OPS", ops)
+    yield ops
+    assert ops.allocated == ops.released, "every arena is released at close"
+
+
+class _Stack(torch.nn.Module):
+    """Layer i returns x * (i + 1) + i, so expected rows are cheap to recompute."""
+
+    def __init__(self, layers: int) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Identity() for _ in range(layers))
+
+    def forward(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        out = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            out = layer(inputs_embeds * (i + 1) + i)
+        return out
+
+
+def _stack(layers: int, **cfg: Any) -> tuple[InstrumentationFramework, _Stack]:
+    model = _Stack(layers)
+    names = tuple(f"layers.{i}" for i in range(layers))
+    fw = InstrumentationFramework(InstrumentationConfig(module_names=names, progress=False, **cfg))
+    fw.instrument_model(model)
+    return fw, model
+
+
+def _inputs(passes: int, batch: int, seq: int, width: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(batch, seq, width, generator=g) for _ in range(passes)]
+
+
+def _expected(inputs: list[torch.Tensor], layer: int) -> np.ndarray:
+    return torch.cat([(x * (layer + 1) + layer).reshape(-1, x.shape[-1]) for x in inputs]).numpy()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_generate_with_padding_through_the_stager(arch: str, fake: FakeOps, tmp_path: Path) -> None:
+    """Left-padded prompts, then decode steps batched together: rows equal independent
+    hooks bit for bit (the check of the direct path, run through the arenas)."""
+    _check_rows_match(arch, torch.float32, tmp_path / "c.zarr")
+    assert fake.allocated > 0, "the stand-in was used"
+
+
+def test_bf16_through_the_stager(fake: FakeOps, tmp_path: Path) -> None:
+    _check_rows_match("qwen2", torch.bfloat16, tmp_path / "c.zarr")
+
+
+@pytest.mark.timeout(60)
+def test_small_passes_are_batched(
+    fake: FakeOps, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decode-sized passes share arenas and batches: far fewer writer calls than
+    passes x sites, and every row in place."""
+    calls = {"n": 0}
+    original = CaptureWriter.write_site
+
+    def counting(self: CaptureWriter, name: str, rows: Any) -> None:
+        calls["n"] += 1
+        original(self, name, rows)
+
+    monkeypatch.setattr(CaptureWriter, "write_site", counting)
+    monkeypatch.setattr(staging, "BATCH_SECONDS", 60.0)  # batches close by size and count
+    fw, model = _stack(4, max_memory_gb=0.05, chunk_rows=64)
+    inputs = _inputs(200, 4, 1, 32)
+    with fw.capture_activations(tmp_path / "c.zarr"), torch.no_grad():
+        for x in inputs:
+            model(inputs_embeds=x)
+    cap = open_capture(tmp_path / "c.zarr")
+    assert cap.num_rows == 800
+    for i in range(4):
+        assert np.array_equal(cap.activations(f"layers.{i}").compute(), _expected(inputs, i))
+    # first pass alone, then batches of BATCH_PASSES passes: one call per site per batch
+    batches = 1 + -(-199 // staging.BATCH_PASSES)
+    assert calls["n"] == 4 * batches
+    np.testing.assert_array_equal(cap.tokens["step"].compute(), np.repeat(np.arange(200), 4))
+
+
+@pytest.mark.timeout(120)
+def test_budget_pressure_splits_passes_and_never_deadlocks(fake: FakeOps, tmp_path: Path) -> None:
+    """8 sites of 1 MiB per pass against a 24 MB budget shared with the writer: passes are
+    split across arenas, batches are sent mid-pass, and the producer waits for arenas to
+    come back instead of waiting on the writer forever."""
+    fw, model = _stack(8, max_memory_gb=0.024, chunk_rows=256, encoder_threads=2)
+    inputs = _inputs(30, 4, 64, 1024)
+    with fw.capture_activations(tmp_path / "c.zarr"), torch.no_grad():
+        for x in inputs:
+            model(inputs_embeds=x)
+    stats = fw.last_capture_stats
+    assert stats is not None
+    assert stats["peak_buffered_bytes"] <= 0.024e9
+    cap = open_capture(tmp_path / "c.zarr")
+    assert cap.status == "complete" and cap.num_rows == 30 * 256
+    for i in range(8):
+        assert np.array_equal(cap.activations(f"layers.{i}").compute(), _expected(inputs, i))
+
+
+def test_a_row_wider_than_an_arena(
+    fake: FakeOps, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(staging, "MAX_ARENA", 64 << 10)
+    fw, model = _stack(2, max_memory_gb=0.2, chunk_rows=4)
+    inputs = _inputs(5, 2, 3, 40_000)  # 160 KB rows, 64 KiB arenas
+    with fw.capture_activations(tmp_path / "c.zarr"), torch.no_grad():
+        for x in inputs:
+            model(inputs_embeds=x)
+    cap = open_capture(tmp_path / "c.zarr")
+    for i in range(2):
+        assert np.array_equal(cap.activations(f"layers.{i}").compute(), _expected(inputs, i))
+
+
+def test_budget_and_arenas_released_at_close(fake: FakeOps, tmp_path: Path) -> None:
+    fw, model = _stack(3, max_memory_gb=0.05, chunk_rows=32)
+    session_budget = []
+    with fw.capture_activations(tmp_path / "c.zarr") as session, torch.no_grad():
+        for x in _inputs(20, 2, 16, 256):
+            model(inputs_embeds=x)
+        session_budget.append(session.budget)
+        assert fake.allocated > fake.released
+    assert session_budget[0].used == 0
+    assert fake.allocated == fake.released
+
+
+@pytest.mark.timeout(60)
+def test_writer_failure_reaches_the_model_thread(
+    fake: FakeOps, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = llminstr_threads()
+    disk_full = OSError(28, "disk full")
+    calls = {"n": 0}
+    original = CaptureWriter.write_site
+
+    def failing(self: CaptureWriter, name: str, rows: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] > 12:
+            raise disk_full
+        original(self, name, rows)
+
+    monkeypatch.setattr(CaptureWriter, "write_site", failing)
+    fw, model = _stack(3, max_memory_gb=0.05, chunk_rows=32, commit_interval_s=0.001)
+    inputs = _inputs(4, 2, 16, 64)
+    start = time.monotonic()
+    with (
+        pytest.raises(LlminstrError) as info,
+        fw.capture_activations(tmp_path / "c.zarr"),
+        torch.no_grad(),
+    ):
+        for _ in range(2000):
+            for x in inputs:
+                model(inputs_embeds=x)
+    assert time.monotonic() - start < 30
+    chain: list[BaseException] = []
+    err: BaseException | None = info.value
+    while err is not None:
+        chain.append(err)
+        err = err.__cause__
+    assert disk_full in chain, chain
+    cap = open_capture(tmp_path / "c.zarr")
+    assert cap.status == "aborted"
+    assert cap.verify() == []
+    rows = cap.activations("layers.0").compute()
+    per_pass = 2 * 16
+    assert cap.num_rows >= per_pass
+    for p in range(cap.num_rows // per_pass):
+        want = _expected([inputs[p % 4]], 0)
+        assert np.array_equal(rows[p * per_pass : (p + 1) * per_pass], want)
+    deadline = time.monotonic() + 10
+    while llminstr_threads() - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert llminstr_threads() - before == set()
+
+
+def test_a_site_that_changes_shape_between_passes(fake: FakeOps, tmp_path: Path) -> None:
+    fw, model = _stack(2, max_memory_gb=0.05)
+    with (
+        pytest.raises(FormatError, match=r"changed from torch\.float32 rows of shape"),
+        fw.capture_activations(tmp_path / "c.zarr"),
+        torch.no_grad(),
+    ):
+        model(inputs_embeds=torch.zeros(2, 4, 16))
+        model(inputs_embeds=torch.zeros(2, 4, 8))
