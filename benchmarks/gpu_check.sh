@@ -29,20 +29,16 @@ print("llminstr", llminstr.__version__, "zarr", zarr.__version__, "numcodecs", n
       "transformers", transformers.__version__)
 PYEOF
 
-echo "== tests: CUDA staging (device and stand-in) + the capture engine"
-timeout 150 $PY -m pytest -q -p no:cacheprovider -rs --timeout 60 \
-  tests/test_cuda.py tests/test_staging.py tests/test_capture.py >"$OUT/tests.txt" 2>&1
-echo "pytest exit $?"; tail -25 "$OUT/tests.txt"
+echo "== tests: CUDA staging (device and stand-in), lent chunks, the capture engine"
+# (the image has no hdf5plugin: the tests that write HDF5 are left out here; CI runs them)
+timeout 150 $PY -m pytest -q -p no:cacheprovider -rs --timeout 60 -k "not hooks_bf16 and not hdf5" \
+  tests/test_cuda.py tests/test_staging.py tests/test_writer_lent.py tests/test_capture.py \
+  >"$OUT/tests.txt" 2>&1
+echo "pytest exit $?"; tail -15 "$OUT/tests.txt"
 
-echo "== hooks during a captured generate: wall and CPU per token"
-timeout 90 $PY benchmarks/gpu_profile.py >"$OUT/profile.txt" 2>&1
-echo "profile exit $?"; tail -8 "$OUT/profile.txt"
-SPY=$(command -v py-spy || ls /tmp/llminstr-site/bin/py-spy 2>/dev/null)
-if [ -n "$SPY" ]; then  # stacks of every thread, waiting included, for reading offline
-  timeout 90 "$SPY" record --threads --idle --nonblocking -r 200 -f raw -o "$OUT/spy_captured.txt" \
-    -- $PY benchmarks/gpu_profile.py --repeats 1 >/dev/null 2>"$OUT/spy.log"
-  echo "py-spy exit $? ($(wc -l <"$OUT/spy_captured.txt" 2>/dev/null) stacks)"
-fi
+echo "== hooks during a captured generate: wall and CPU per token, by variant"
+timeout 120 $PY benchmarks/gpu_profile.py >"$OUT/profile.txt" 2>&1
+echo "profile exit $?"; tail -9 "$OUT/profile.txt"
 
 echo "== capture benchmarks on the GPU"
 timeout 220 $PY benchmarks/bench_capture.py --device cuda --json "$OUT/bench_gpu.json" \

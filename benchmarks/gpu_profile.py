@@ -1,11 +1,17 @@
 """Where the time goes during a captured ``generate`` on CUDA.
 
-Runs a GPT-2-small-shaped model (random weights) plain and captured, interleaved, and
-prints for each: wall time, CPU time of the model's thread, CPU time of the whole process
-(the drain and encoder threads included), per generated token. The extra wall time per
-site per step is what the hooks cost the model; wall minus model-thread CPU is time the
-model's thread spent waiting (the GPU, or the GIL). Run it under ``py-spy record
---threads --idle`` for stacks (benchmarks/gpu_check.sh does).
+Runs a GPT-2-small-shaped model (random weights) plain and in several capture variants,
+interleaved, and prints for each: wall time, CPU time of the model's thread, CPU time of
+the whole process (drain and encoder threads included), per generated token. Variants:
+
+- ``captured``: the library as it is;
+- ``spin-events``: batch events that spin instead of block while the drain waits;
+- ``stage-noop``: hooks and session bookkeeping only, the stager drops every output;
+- ``bare-hooks``: plain forward hooks that do nothing, on the same modules (the cost of
+  torch's hook dispatch alone).
+
+The extra wall time per site per step is what each costs the model; wall minus
+model-thread CPU is time the model's thread waited (the GPU, or the GIL).
 
 Run: ``python benchmarks/gpu_profile.py [--new-tokens 48] [--repeats 3] [--batch 4]``
 """
@@ -21,7 +27,15 @@ from pathlib import Path
 import torch
 import transformers
 
-from llminstr import HookGranularity, InstrumentationConfig, InstrumentationFramework
+from llminstr import HookGranularity, InstrumentationConfig, InstrumentationFramework, capture
+from llminstr.staging import CudaStager, DeviceOps
+
+
+class _SpinOps(DeviceOps):
+    def record_event(self, stream: object) -> object:
+        event = torch.cuda.Event()
+        event.record(stream)  # type: ignore[arg-type]
+        return event
 
 
 def main() -> None:
@@ -29,12 +43,13 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--device", default="cuda", help="cuda (cpu only as a smoke test)")
     args = ap.parse_args()
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257)
-    model = transformers.GPT2LMHeadModel(cfg).eval().cuda()
-    ids = torch.randint(0, 50000, (args.batch, 32), device="cuda")
+    model = transformers.GPT2LMHeadModel(cfg).eval().to(args.device)
+    ids = torch.randint(0, 50000, (args.batch, 32), device=args.device)
     fw = InstrumentationFramework(
         InstrumentationConfig(granularity=HookGranularity.ALL, max_memory_gb=1.0, progress=False)
     )
@@ -43,36 +58,57 @@ def main() -> None:
     def generate() -> None:
         with torch.no_grad():
             model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-        torch.cuda.synchronize()
+        if args.device != "cpu":
+            torch.cuda.synchronize()
 
-    samples: dict[str, list[tuple[float, float, float]]] = {"plain": [], "captured": []}
-    with tempfile.TemporaryDirectory() as d:
-        generate()
-        with fw.capture_activations(Path(d) / "warm.zarr"):
+    variants = ("plain", "captured", "spin-events", "stage-noop", "bare-hooks")
+    samples: dict[str, list[tuple[float, float, float]]] = {v: [] for v in variants}
+    modules = dict(model.named_modules())
+    real_ops, real_stage = capture.DEVICE_OPS, CudaStager.stage
+
+    def run(name: str, path: Path) -> None:
+        if name == "plain":
             generate()
-        for r in range(args.repeats):
-            for name in ("plain", "captured"):
-                w, t, p = time.perf_counter(), time.thread_time(), time.process_time()
-                if name == "plain":
+        elif name == "bare-hooks":
+            handles = [modules[s.module_path].register_forward_hook(lambda *a: None) for s in sites]
+            try:
+                generate()
+            finally:
+                for h in handles:
+                    h.remove()
+        else:
+            capture.DEVICE_OPS = _SpinOps() if name == "spin-events" else real_ops
+            if name == "stage-noop":
+                CudaStager.stage = lambda *a, **k: None  # type: ignore[method-assign]
+            try:
+                with fw.capture_activations(path):
                     generate()
-                else:
-                    with fw.capture_activations(Path(d) / f"c{r}.zarr"):
-                        generate()
+            finally:
+                capture.DEVICE_OPS, CudaStager.stage = real_ops, real_stage  # type: ignore[method-assign]
+
+    with tempfile.TemporaryDirectory() as d:
+        for name in variants:  # warm-up
+            run(name, Path(d) / f"warm-{name}.zarr")
+        for r in range(args.repeats):
+            for name in variants:
+                w, t, p = time.perf_counter(), time.thread_time(), time.process_time()
+                run(name, Path(d) / f"{name}-{r}.zarr")
                 samples[name].append(
                     (time.perf_counter() - w, time.thread_time() - t, time.process_time() - p)
                 )
     steps = args.new_tokens
     print(f"sites={len(sites)} new_tokens={steps} batch={args.batch} (medians of {args.repeats})")
-    print(f"{'run':<9} {'wall ms/tok':>12} {'model-thread cpu':>17} {'process cpu':>12}")
+    print(
+        f"{'run':<12} {'wall ms/tok':>12} {'model-thread cpu':>17} {'process cpu':>12} {'us/site/step':>13}"
+    )
     med = {}
     for name, rows in samples.items():
         med[name] = [statistics.median(col) / steps * 1e3 for col in zip(*rows, strict=True)]
+    for name in variants:
         wall, thread, proc = med[name]
-        print(f"{name:<9} {wall:>12.3f} {thread:>17.3f} {proc:>12.3f}")
-    extra = (med["captured"][0] - med["plain"][0]) / len(sites) * 1e3
-    print(
-        f"extra wall per site per step: {extra:.1f} us; ratio {med['captured'][0] / med['plain'][0]:.3f}"
-    )
+        extra = (wall - med["plain"][0]) / len(sites) * 1e3
+        print(f"{name:<12} {wall:>12.3f} {thread:>17.3f} {proc:>12.3f} {extra:>13.1f}")
+    print(f"ratio captured/plain {med['captured'][0] / med['plain'][0]:.3f}")
     stats = fw.last_capture_stats or {}
     print(
         "last capture:",

@@ -23,7 +23,7 @@ import torch
 from llminstr.budget import MemoryBudget
 from llminstr.config import InstrumentationConfig
 from llminstr.errors import CaptureStateError, FormatError
-from llminstr.format import SiteInfo, logical_dtype_name
+from llminstr.format import SiteInfo
 from llminstr.sites import SiteSpec
 from llminstr.staging import CudaStager, DeviceOps
 from llminstr.storage.writer import CaptureWriter, WriterStats
@@ -271,10 +271,11 @@ class CaptureSession:
                 f"sites {missing} did not run in forward step {plan.step}; rows would no longer "
                 "align. Choose sites that run in every pass."
             )
-        if self._stager is not None:  # the first pass goes to the drain at once
-            self._stager.end_pass(plan, force=self._first_pass is not None)
-        if self._first_pass is not None:
+        first = self._first_pass is not None
+        if first:
             self._open_writer(plan)
+        if self._stager is not None:  # the first pass goes to the drain at once
+            self._stager.end_pass(plan, force=first)
         self._progress.update(plan.batch * plan.seq_len, self._raw_bytes, self._started)
 
     # ---------------------------------------------------------------- data path
@@ -344,6 +345,18 @@ class CaptureSession:
         assert self.writer is not None
         self.writer.write_site(self.sites[index][0].name, rows)
 
+    def deliver_rows_lent(self, index: int, rows: np.ndarray, release: Callable[[], None]) -> None:
+        """Like :meth:`deliver_rows`, for rows in staging memory that the writer may encode
+        in place; ``release()`` is called once it no longer needs them."""
+        if self._first_pass is not None or self.writer is None:
+            try:
+                self.deliver_rows(index, rows)
+            finally:
+                release()
+            return
+        self._raw_bytes += rows.nbytes
+        self.writer.write_site_lent(self.sites[index][0].name, rows, release)
+
     def deliver_tokens(self, plans: list[PassPlan]) -> None:
         """Hand the token rows of finished passes to the writer (or the first-pass buffer),
         once per pass (a pass with sites on the host and on the device reaches here twice)."""
@@ -365,9 +378,11 @@ class CaptureSession:
         self.writer.write_tokens(tokens)
 
     def _open_writer(self, plan: PassPlan) -> None:
-        """The first pass tells every site's feature shape and dtype: create the writer."""
+        """The first pass told every site's feature shape and storage dtype (its hooks saw
+        the tensors): create the writer, then write what the first pass left buffered on
+        the host. Staged rows stay in their arenas and reach the writer like any others."""
         if self._stager is not None:
-            self._stager.flush()
+            self._stager.wait_idle()  # rows sent during the first pass went to the buffer
         assert self._first_pass is not None
         by_index = {
             i: parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -375,13 +390,12 @@ class CaptureSession:
         }
         infos = []
         for i, (spec, _module) in enumerate(self.sites):
-            rows = by_index[i]
-            dtype = "bfloat16" if rows.dtype == np.uint16 else logical_dtype_name(rows.dtype)
+            _key, _rows, feature, dtype = self._layouts[i]
             infos.append(
                 SiteInfo(
                     name=spec.name,
-                    feature_shape=tuple(rows.shape[1:]),
-                    dtype=dtype,
+                    feature_shape=feature,
+                    dtype=str(dtype).removeprefix("torch."),
                     kind=spec.kind,
                     layer=spec.layer,
                     module_path=spec.module_path,
@@ -408,11 +422,14 @@ class CaptureSession:
             extra_token_columns=self._extra_columns,
         )
         self._first_pass = None
-        self.writer.write_tokens(self._first_tokens)
+        if self._first_tokens:
+            self.writer.write_tokens(self._first_tokens)
         for index, rows in by_index.items():
             self.writer.write_site(self.sites[index][0].name, rows)
-        if self._stager is not None:  # arenas get what the writer's minimum leaves
-            self._stager.set_cap(self.budget.limit - self.writer.floor_bytes)
+        if self._stager is not None:
+            # Arenas get two thirds of what the writer's minimum leaves; the writer keeps
+            # the rest for chunk buffers and frames in flight (see docs/decisions.md).
+            self._stager.set_cap((self.budget.limit - self.writer.floor_bytes) * 2 // 3)
 
     # ---------------------------------------------------------------- end
     def finish(self, exc: BaseException | None) -> WriterStats | None:

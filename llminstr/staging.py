@@ -28,6 +28,7 @@ never wait on each other.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import mmap
 import queue
@@ -56,7 +57,9 @@ BATCH_BYTES = 4 << 20
 BATCH_PASSES = 32
 #: ... or is this old (seconds), checked at the end of each pass.
 BATCH_SECONDS = 0.1
-#: Arena size bounds; within them an arena is about 1/4 of the pool's share per site.
+#: A new arena has room for this many passes like the one that needs it ...
+ARENA_PASSES = 2 * BATCH_PASSES
+#: ... within these bounds, and at most about 1/4 of the pool's share per site.
 MIN_ARENA = 4 << 10
 MAX_ARENA = 8 << 20
 
@@ -98,8 +101,10 @@ class DeviceOps:
         return cuda.Stream(device=device)
 
     def record_event(self, stream: Any) -> Any:
+        # Blocking: the drain thread sleeps in synchronize() instead of spinning (a
+        # spinning waiter competes with the model's thread for the CPU and the driver).
         cuda: Any = torch.cuda
-        event = cuda.Event()
+        event = cuda.Event(blocking=True)
         event.record(stream)
         return event
 
@@ -169,6 +174,7 @@ class _Piece:
     plan: PassPlan
     row0: int
     nrows: int
+    lent: bool = False  # handed to the writer, which releases it when encoded
 
 
 @dataclass(frozen=True)
@@ -203,6 +209,10 @@ class Delivery(Protocol):
     """What the stager needs from the capture session (called on the drain thread)."""
 
     def deliver_rows(self, index: int, rows: np.ndarray) -> None: ...
+
+    def deliver_rows_lent(
+        self, index: int, rows: np.ndarray, release: Callable[[], None]
+    ) -> None: ...
 
     def deliver_tokens(self, plans: list[PassPlan]) -> None: ...
 
@@ -247,14 +257,15 @@ class CudaStager:
         with self._lock:
             self.cap = cap
             self.arena_bytes = min(MAX_ARENA, max(MIN_ARENA, share))
-        self._reclaim(1 << 62, keep=self.arena_bytes)
+        self._reclaim(1 << 62, above=self.arena_bytes)
 
-    def _reclaim(self, nbytes: int, keep: int | None = None) -> int:
-        """Free idle arenas (all of them, or those not of size ``keep``): budget reclaimer."""
+    def _reclaim(self, nbytes: int, above: int = 0) -> int:
+        """Free idle arenas (up to ``nbytes``, of more than ``above`` bytes each): the
+        budget's reclaimer, and the trim after a change of cap."""
         freed: list[_Arena] = []
         with self._lock:
             for size, arenas in self._free.items():
-                if size == keep:
+                if size <= above:
                     continue
                 while arenas and sum(a.size for a in freed) < nbytes:
                     freed.append(arenas.pop())
@@ -272,7 +283,7 @@ class CudaStager:
     def _arena(self, min_bytes: int) -> _Arena:
         """An empty arena of at least ``min_bytes``: pooled, newly allocated within the cap
         and the budget, or (after handing the drain what is staged) one given back."""
-        size = max(self.arena_bytes, _pow2_ceil(min_bytes))
+        size = max(MIN_ARENA, _pow2_ceil(min_bytes))
         while True:
             self._raise_if_failed()
             with self._lock:
@@ -440,7 +451,10 @@ class CudaStager:
                 if arena is not None:
                     self._retire(arena)
                 self._current[index] = None
-                arena = self._current[index] = self._arena(row_bytes)
+                # Room for ARENA_PASSES passes like this one (decode steps share an
+                # arena), within the pool's size per arena; at least one row.
+                want = min(self.arena_bytes, (rows - r) * row_bytes * ARENA_PASSES)
+                arena = self._current[index] = self._arena(max(row_bytes, want))
             take = min(rows - r, (arena.size - arena.fill) // row_bytes)
             first = arena.fill // fmt.itemsize
             dst = arena.typed(fmt.dtype)[first : first + take * fmt.row_elems]
@@ -479,6 +493,11 @@ class CudaStager:
         self.staged_bytes += pending.nbytes
         self.batches += 1
         self._queue.put(_Batch(pending.pieces, pending.plans, events, pending.nbytes))
+
+    def wait_idle(self) -> None:
+        """Wait until the drain thread delivered every batch already sent."""
+        self._queue.join()
+        self._raise_if_failed()
 
     def flush(self) -> None:
         """Send what is staged and wait until the drain thread delivered all of it."""
@@ -533,14 +552,21 @@ class CudaStager:
             event.synchronize()  # waits for this batch's copies only
 
     def _deliver(self, batch: _Batch) -> None:
-        for run_site, rows in self._runs(batch.pieces):
-            self.session.deliver_rows(run_site, rows)
+        for site, run in self._runs(batch.pieces):
+            fmt = self._formats[site]
+            assert fmt is not None
+            rows, whole = self._rows_of(run, fmt)
+            if whole:  # the writer may encode whole chunks straight from the arena
+                for piece in run:
+                    piece.lent = True
+                self.session.deliver_rows_lent(site, rows, functools.partial(self._release, run))
+            else:
+                self.session.deliver_rows(site, rows)
         if batch.plans:
             self.session.deliver_tokens(batch.plans)
 
-    def _runs(self, pieces: list[_Piece]) -> Iterator[tuple[int, np.ndarray]]:
-        """Per site, the rows of consecutive pieces that lie next to each other in one
-        arena, as one array with the padding rows of each pass dropped."""
+    def _runs(self, pieces: list[_Piece]) -> Iterator[tuple[int, list[_Piece]]]:
+        """Per site, consecutive pieces that lie next to each other in one arena."""
         by_site: dict[int, list[_Piece]] = {}
         for piece in pieces:
             by_site.setdefault(piece.site, []).append(piece)
@@ -556,20 +582,22 @@ class CudaStager:
                         and piece.start == last.start + last.nrows * fmt.row_bytes
                     )
                     if not contiguous:
-                        yield site, self._rows_of(run, fmt)
+                        yield site, run
                         run = []
                 run.append(piece)
             if run:
-                yield site, self._rows_of(run, fmt)
+                yield site, run
 
     @staticmethod
-    def _rows_of(run: list[_Piece], fmt: _SiteFormat) -> np.ndarray:
+    def _rows_of(run: list[_Piece], fmt: _SiteFormat) -> tuple[np.ndarray, bool]:
+        """The rows of a run with the padding rows of each pass dropped, and whether they
+        are the arena's own memory (nothing dropped) rather than a copy."""
         first = run[0]
         nrows = sum(p.nrows for p in run)
         raw = first.arena.array[first.start : first.start + nrows * fmt.row_bytes]
         rows = raw.view(fmt.numpy_dtype).reshape(nrows, *fmt.feature)
         if all(p.plan.resolve().keep is None for p in run):
-            return rows
+            return rows, True
         mask = np.ones(nrows, dtype=bool)
         offset = 0
         for p in run:
@@ -577,14 +605,24 @@ class CudaStager:
             if keep is not None:
                 mask[offset : offset + p.nrows] = keep[p.row0 : p.row0 + p.nrows]
             offset += p.nrows
-        return rows[mask]
+        return rows[mask], False
+
+    def _release(self, pieces: list[_Piece]) -> None:
+        """Lent pieces are done with (any thread): their arenas may go back to the pool."""
+        with self._lock:
+            for piece in pieces:
+                self._release_locked(piece.arena)
+        self.budget.notify()
+
+    def _release_locked(self, arena: _Arena) -> None:
+        arena.outstanding -= 1
+        if arena.retired and arena.outstanding == 0:
+            self._give_back(arena)
 
     def _done(self, batch: _Batch) -> None:
         """Pieces delivered (or dropped): their arenas may go back to the pool."""
         with self._lock:
             for piece in batch.pieces:
-                arena = piece.arena
-                arena.outstanding -= 1
-                if arena.retired and arena.outstanding == 0:
-                    self._give_back(arena)
+                if not piece.lent:
+                    self._release_locked(piece.arena)
         self.budget.notify()

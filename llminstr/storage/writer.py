@@ -20,7 +20,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +104,27 @@ def encoder_threads_for(target_gbps: float | None, requested: int | None) -> int
     if target_gbps is None:
         return cores
     return max(1, min(cores, math.ceil(target_gbps / PER_THREAD_GBPS)))
+
+
+class _Lease:
+    """Counts the chunks encoded from one lent block of rows; calls ``release`` once, when
+    the last is done (the lending call holds one count of its own until it returns)."""
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release = release
+        self._count = 1
+        self._lock = threading.Lock()
+
+    def hold(self) -> None:
+        with self._lock:
+            self._count += 1
+
+    def drop(self) -> None:
+        with self._lock:
+            self._count -= 1
+            done = self._count == 0
+        if done:
+            self._release()
 
 
 @dataclass
@@ -360,6 +381,7 @@ class CaptureWriter:
         # Pooled buffers stay inside the budget and are reclaimed the moment anyone would
         # wait for memory, so the pool may hold up to half of it.
         self._pool_limit = budget.limit // 2
+        self._lent: dict[int, _Lease] = {}  # id of a lent chunk view -> its lease
         budget.add_reclaimer(self._reclaim)
         self._executor = ThreadPoolExecutor(
             self.encoder_threads, thread_name_prefix="llminstr-encode"
@@ -429,6 +451,19 @@ class CaptureWriter:
         """
         arr = self._site_rows(name, rows)
         self._append(self._states[f"{ACTIVATIONS_GROUP}/{name}"], arr)
+
+    def write_site_lent(self, name: str, rows: Any, release: Callable[[], None]) -> None:
+        """Like :meth:`write_site`, but whole chunks of ``rows`` that start on a chunk
+        boundary are encoded straight from the caller's memory instead of being copied.
+        The caller keeps ``rows`` unchanged until ``release()`` is called, exactly once:
+        when the last lent chunk is encoded, failed or dropped (at once if none was lent).
+        The rows' bytes are not counted in the budget here: the lender counts them."""
+        lease = _Lease(release)
+        try:
+            arr = self._site_rows(name, rows)
+            self._append(self._states[f"{ACTIVATIONS_GROUP}/{name}"], arr, lease)
+        finally:
+            lease.drop()  # the call's own hold
 
     def _site_rows(self, name: str, rows: Any) -> np.ndarray:
         """Check rows of one site; return them as an array of the storage dtype (no copy)."""
@@ -500,13 +535,24 @@ class CaptureWriter:
             for name, arr in site_rows.items():
                 self._append(self._states[f"{ACTIVATIONS_GROUP}/{name}"], arr)
 
-    def _append(self, state: _ArrayState, data: np.ndarray) -> None:
+    def _append(self, state: _ArrayState, data: np.ndarray, lease: _Lease | None = None) -> None:
         with self._producer_lock:
             self._check_open()
             n = data.shape[0]
             offset = 0
             chunk_rows = self.chunk_rows
             while offset < n:
+                if lease is not None and state.fill == 0 and n - offset >= chunk_rows:
+                    # A whole chunk of lent rows: encode it where it lies.
+                    index = state.chunk_index
+                    state.chunk_index += 1
+                    state.rows += chunk_rows
+                    view = data[offset : offset + chunk_rows]
+                    offset += chunk_rows
+                    lease.hold()
+                    self._lent[id(view)] = lease
+                    self._submit(state, index, view, chunk_rows, full=True)
+                    continue
                 if state.buffer is None:
                     state.buffer = self._new_buffer(state.decl)
                 take = min(n - offset, chunk_rows - state.fill)
@@ -540,6 +586,7 @@ class CaptureWriter:
         except BaseException:
             if slot:
                 self._queue_slots.release()
+            self._drop(buf)
             raise
         try:
             future = self._executor.submit(
@@ -548,7 +595,8 @@ class CaptureWriter:
         except BaseException:
             if slot:
                 self._queue_slots.release()
-            self.budget.release(reserve + buf.nbytes)
+            self.budget.release(reserve)
+            self._drop(buf)
             raise
         with self._state_lock:
             self._pending.add(future)
@@ -617,7 +665,9 @@ class CaptureWriter:
         finally:
             if slot:
                 self._queue_slots.release()
-            self.budget.release(raw + reserve)
+            self.budget.release(reserve)
+            if raw:
+                self._drop(buf)
 
     def _write_done(
         self,
@@ -659,7 +709,19 @@ class CaptureWriter:
         self.budget.acquire(decl.chunk_bytes)
         return np.empty(decl.chunk_shape, dtype=decl.storage_dtype)
 
+    def _drop(self, buf: np.ndarray) -> None:
+        """Give up a chunk buffer without pooling it: its bytes, or its lease."""
+        lease = self._lent.pop(id(buf), None)
+        if lease is not None:
+            lease.drop()
+        else:
+            self.budget.release(buf.nbytes)
+
     def _recycle(self, buf: np.ndarray) -> None:
+        lease = self._lent.pop(id(buf), None)
+        if lease is not None:  # lent memory goes back to its lender, never to the pool
+            lease.drop()
+            return
         with self._pool_lock:
             if (
                 not self._closed
