@@ -184,7 +184,12 @@ def sink(tmp: Path, mb: int, threads: int, cname: str, device: str = "cpu") -> d
         best_ceil = min(best_ceil, ceiling(tmp / f"ceil{r}"))
         shutil.rmtree(tmp / f"ceil{r}")
         _settle()
-        best_cap = min(best_cap, capture(tmp / f"sink{r}.zarr"))
+        took = capture(tmp / f"sink{r}.zarr")
+        if took < best_cap:
+            best_cap = took
+            stats = fw.last_capture_stats or {}
+            extra["stall_s"] = float(stats.get("stall_seconds", 0.0))
+            extra["peak_buffered_mb"] = stats.get("peak_buffered_bytes", 0) / 1e6
         shutil.rmtree(tmp / f"sink{r}.zarr")
     return {
         "raw_mb": raw / 1e6,

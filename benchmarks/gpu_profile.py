@@ -64,7 +64,7 @@ def main() -> None:
     variants = ("plain", "captured", "spin-events", "stage-noop", "bare-hooks")
     samples: dict[str, list[tuple[float, float, float]]] = {v: [] for v in variants}
     modules = dict(model.named_modules())
-    real_ops, real_stage = capture.DEVICE_OPS, CudaStager.stage
+    real_ops, real_stage, real_end = capture.DEVICE_OPS, CudaStager.stage, CudaStager.end_pass
 
     def run(name: str, path: Path) -> None:
         if name == "plain":
@@ -78,13 +78,15 @@ def main() -> None:
                     h.remove()
         else:
             capture.DEVICE_OPS = _SpinOps() if name == "spin-events" else real_ops
-            if name == "stage-noop":
+            if name == "stage-noop":  # nothing staged and no token rows: an empty capture
                 CudaStager.stage = lambda *a, **k: None  # type: ignore[method-assign]
+                CudaStager.end_pass = lambda *a, **k: None  # type: ignore[method-assign]
             try:
                 with fw.capture_activations(path):
                     generate()
             finally:
-                capture.DEVICE_OPS, CudaStager.stage = real_ops, real_stage  # type: ignore[method-assign]
+                capture.DEVICE_OPS = real_ops
+                CudaStager.stage, CudaStager.end_pass = real_stage, real_end  # type: ignore[method-assign]
 
     with tempfile.TemporaryDirectory() as d:
         for name in variants:  # warm-up

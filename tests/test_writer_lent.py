@@ -16,6 +16,7 @@ from llminstr.errors import WriterFailedError
 from llminstr.format import SiteInfo
 from llminstr.reader import open_capture
 from llminstr.storage import backends as backends_mod
+from llminstr.storage import codec as codec_mod
 from llminstr.storage.writer import CaptureWriter
 
 
@@ -111,25 +112,41 @@ def test_a_refused_block_is_released_too(tmp_path: Path) -> None:
     w.close()
 
 
-def test_lent_chunks_are_not_charged_to_the_budget(tmp_path: Path) -> None:
-    peaks = {}
+def test_lent_chunks_are_not_charged_to_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the encoder held, two whole chunks wait in the queue: copied, the budget
+    counts their two chunk buffers; lent, it does not (the lender counts them)."""
+    gate = threading.Event()
+    original = codec_mod.ChunkCodec.encode
+
+    def held(self: Any, buf: Any) -> Any:
+        if buf.ndim == 2:  # the site's chunks wait; the token columns' go through
+            gate.wait(10)
+        return original(self, buf)
+
+    monkeypatch.setattr(codec_mod.ChunkCodec, "encode", held)
+    used = {}
     for mode in ("copied", "lent"):
+        gate.clear()
         w = CaptureWriter(
             tmp_path / f"{mode}.zarr",
             [SiteInfo("a", (1024,))],
             chunk_rows=256,
             memory_budget_bytes=1 << 26,
-            encoder_threads=2,
+            encoder_threads=1,
         )
-        data = np.ones((256 * 16, 1024), np.float32)  # 16 chunks of 1 MiB
+        data = np.ones((512, 1024), np.float32)  # two chunks of 1 MiB
         release = _Release(data)
         w.write_tokens(token_columns(len(data)))
+        w.commit()  # the token frames are written: both modes start from the same state
+        before = w.budget.used
         if mode == "lent":
             w.write_site_lent("a", data, release)
         else:
             w.write_site("a", data)
+        used[mode] = w.budget.used - before
+        gate.set()
         w.close()
         assert release.calls == (mode == "lent")
-        peaks[mode] = w.budget.peak
-    # the encode queue holds up to 1 + 2 x 2 chunks: lent, their bytes are not counted
-    assert peaks["lent"] <= peaks["copied"] - (3 << 20), peaks
+    assert used["copied"] - used["lent"] == 2 * 256 * 1024 * 4, used
