@@ -379,9 +379,13 @@ class CudaStager:
             arena = self._current[index]
             if arena is not None and arena.size - arena.fill >= nbytes:
                 # The common case: the whole pass fits behind the rows already there.
-                start = arena.fill // fmt.itemsize
-                dst = arena.typed(fmt.dtype)[start : start + rows * fmt.row_elems]
-                dst.view(tensor.shape).copy_(tensor, non_blocking=True)
+                dst = torch.as_strided(
+                    arena.typed(fmt.dtype),
+                    tensor.shape,
+                    tensor.stride(),
+                    arena.fill // fmt.itemsize,
+                )
+                dst.copy_(tensor, non_blocking=True)
                 self._add_piece(index, arena, plan, 0, rows, nbytes, producer)
                 return
             self._copy_rows(index, plan, tensor.view(rows, *feature), rows, fmt, producer)
