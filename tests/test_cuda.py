@@ -84,12 +84,17 @@ def test_hooks_never_synchronise_the_compute_stream(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("seq", [64, 160], ids=["inline", "copy-stream"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_rows_exact_when_the_budget_forces_slab_reuse(dtype: torch.dtype, tmp_path: Path) -> None:
-    """8 sites of 1 MiB (fp32) per pass against a 24 MB budget shared with the writer's
-    chunk buffers: the slab pool must wait for the drain thread and reuse its slabs."""
+def test_rows_exact_when_the_budget_forces_arena_reuse(
+    dtype: torch.dtype, seq: int, tmp_path: Path
+) -> None:
+    """8 sites per pass against a 24 MB budget shared with the writer's chunk buffers, on
+    both paths (64-row passes copied on the producing stream; 160-row passes, over 1 MiB
+    in every dtype, cloned and copied on the copy stream): the arena pool must wait for
+    the drain thread and reuse its arenas."""
     fw, model = _framework(8, max_memory_gb=0.024, chunk_rows=256, encoder_threads=2)
-    inputs = _inputs(40, 4, 64, 1024, dtype)
+    inputs = _inputs(40, 4, seq, 1024, dtype)
     with fw.capture_activations(tmp_path / "c.zarr"), torch.no_grad():
         for x in inputs:
             model(inputs_embeds=x)
@@ -97,7 +102,7 @@ def test_rows_exact_when_the_budget_forces_slab_reuse(dtype: torch.dtype, tmp_pa
     assert stats is not None
     assert stats["peak_buffered_bytes"] <= 0.024e9
     cap = open_capture(tmp_path / "c.zarr")
-    assert cap.status == "complete" and cap.num_rows == 40 * 4 * 64
+    assert cap.status == "complete" and cap.num_rows == 40 * 4 * seq
     for i in range(8):
         got = cap.activations(f"layers.{i}", logical=False).compute()
         assert np.array_equal(got, _expected(inputs, i)), f"layers.{i}"

@@ -43,6 +43,7 @@ class FakeOps(staging.DeviceOps):
         self.stream = _Stream()
         self.allocated = 0
         self.released = 0
+        self.copy_streams = 0  # made for outputs over INLINE_BYTES
 
     def handles(self, tensor: torch.Tensor) -> bool:
         return True
@@ -51,6 +52,7 @@ class FakeOps(staging.DeviceOps):
         return self.stream
 
     def new_stream(self, device: torch.device) -> Any:
+        self.copy_streams += 1
         return _Stream()
 
     def record_event(self, stream: Any) -> Any:
@@ -159,12 +161,19 @@ def test_small_passes_are_batched(
 
 
 @pytest.mark.timeout(120)
-def test_budget_pressure_splits_passes_and_never_deadlocks(fake: FakeOps, tmp_path: Path) -> None:
-    """8 sites of 1 MiB per pass against a 24 MB budget shared with the writer: passes are
+@pytest.mark.parametrize("seq", [64, 160], ids=["inline-1MiB", "copy-stream-2.6MB"])
+def test_budget_pressure_splits_passes_and_never_deadlocks(
+    fake: FakeOps, tmp_path: Path, seq: int
+) -> None:
+    """8 sites of 1 MiB (copied on the producing stream) or 2.6 MB (cloned, then copied on
+    the copy stream) per pass against a 24 MB budget shared with the writer: passes are
     split across arenas, batches are sent mid-pass, and the producer waits for arenas to
     come back instead of waiting on the writer forever."""
+    assert (staging.INLINE_BYTES >= 4 * 64 * 1024 * 4) and (
+        staging.INLINE_BYTES < 4 * 160 * 1024 * 4
+    )
     fw, model = _stack(8, max_memory_gb=0.024, chunk_rows=256, encoder_threads=2)
-    inputs = _inputs(30, 4, 64, 1024)
+    inputs = _inputs(30, 4, seq, 1024)
     with fw.capture_activations(tmp_path / "c.zarr"), torch.no_grad():
         for x in inputs:
             model(inputs_embeds=x)
@@ -172,7 +181,8 @@ def test_budget_pressure_splits_passes_and_never_deadlocks(fake: FakeOps, tmp_pa
     assert stats is not None
     assert stats["peak_buffered_bytes"] <= 0.024e9
     cap = open_capture(tmp_path / "c.zarr")
-    assert cap.status == "complete" and cap.num_rows == 30 * 256
+    assert cap.status == "complete" and cap.num_rows == 30 * 4 * seq
+    assert fake.copy_streams == (1 if seq == 160 else 0)
     for i in range(8):
         assert np.array_equal(cap.activations(f"layers.{i}").compute(), _expected(inputs, i))
 
@@ -261,3 +271,22 @@ def test_a_site_that_changes_shape_between_passes(fake: FakeOps, tmp_path: Path)
     ):
         model(inputs_embeds=torch.zeros(2, 4, 16))
         model(inputs_embeds=torch.zeros(2, 4, 8))
+
+
+@pytest.mark.parametrize("seq", [8, 160], ids=["inline", "copy-stream"])
+def test_storage_dtype_conversion_through_the_stager(
+    fake: FakeOps, tmp_path: Path, seq: int
+) -> None:
+    """A float32 model stored as float16: the hook converts on the device (a fresh tensor,
+    which the copy-stream path then needs no snapshot of)."""
+    fw, model = _stack(2, max_memory_gb=0.1, storage_dtype="float16")
+    inputs = _inputs(6, 4, seq, 1024)
+    with fw.capture_activations(tmp_path / "c.zarr"), torch.no_grad():
+        for x in inputs:
+            model(inputs_embeds=x)
+    cap = open_capture(tmp_path / "c.zarr")
+    for i in range(2):
+        got = cap.activations(f"layers.{i}").compute()
+        assert got.dtype == np.float16
+        assert np.array_equal(got, _expected(inputs, i).astype(np.float16))
+    assert fake.copy_streams == (1 if seq == 160 else 0)
