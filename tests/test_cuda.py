@@ -4,19 +4,22 @@ non-default stream, worker failures reaching the caller. Skipped without a CUDA 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from conftest import llminstr_threads
+from test_staging import (
+    _expected,
+    _stack,
+    check_rows_under_budget_pressure,
+    check_writer_failure_reaches_the_model_thread,
+)
+from test_staging import _inputs as _cpu_inputs
 
-from llminstr import InstrumentationConfig, InstrumentationFramework
-from llminstr.errors import LlminstrError
+from llminstr import InstrumentationFramework
 from llminstr.reader import open_capture
-from llminstr.storage import backends
 
 pytestmark = [
     pytest.mark.cuda,
@@ -24,43 +27,14 @@ pytestmark = [
 ]
 
 
-class _Stack(torch.nn.Module):
-    """Layers whose outputs are cheap to recompute exactly: layer i returns x * (i + 1) + i."""
-
-    def __init__(self, layers: int) -> None:
-        super().__init__()
-        self.layers = torch.nn.ModuleList(torch.nn.Identity() for _ in range(layers))
-
-    def forward(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        out = inputs_embeds
-        for i, layer in enumerate(self.layers):
-            out = layer(inputs_embeds * (i + 1) + i)
-        return out
+def _framework(layers: int, **cfg: Any) -> tuple[InstrumentationFramework, torch.nn.Module]:
+    return _stack(layers, device="cuda", **cfg)
 
 
 def _inputs(
     passes: int, batch: int, seq: int, width: int, dtype: torch.dtype
 ) -> list[torch.Tensor]:
-    g = torch.Generator(device="cuda").manual_seed(0)
-    return [
-        torch.randn(batch, seq, width, device="cuda", generator=g).to(dtype) for _ in range(passes)
-    ]
-
-
-def _expected(inputs: list[torch.Tensor], layer: int) -> np.ndarray:
-    rows = [(x * (layer + 1) + layer).reshape(-1, x.shape[-1]) for x in inputs]
-    out = torch.cat(rows).cpu()
-    return out.view(torch.uint16).numpy() if out.dtype == torch.bfloat16 else out.numpy()
-
-
-def _framework(layers: int, **cfg: object) -> tuple[InstrumentationFramework, _Stack]:
-    model = _Stack(layers).cuda()
-    names = tuple(f"layers.{i}" for i in range(layers))
-    fw = InstrumentationFramework(
-        InstrumentationConfig(module_names=names, progress=False, **cfg)  # type: ignore[arg-type]
-    )
-    fw.instrument_model(model)
-    return fw, model
+    return _cpu_inputs(passes, batch, seq, width, dtype, device="cuda")
 
 
 @pytest.mark.timeout(120)
@@ -93,19 +67,7 @@ def test_rows_exact_when_the_budget_forces_arena_reuse(
     both paths (64-row passes copied on the producing stream; 160-row passes, over 1 MiB
     in every dtype, cloned and copied on the copy stream): the arena pool must wait for
     the drain thread and reuse its arenas."""
-    fw, model = _framework(8, max_memory_gb=0.024, chunk_rows=256, encoder_threads=2)
-    inputs = _inputs(40, 4, seq, 1024, dtype)
-    with fw.capture_activations(tmp_path / "c.zarr"), torch.no_grad():
-        for x in inputs:
-            model(inputs_embeds=x)
-    stats = fw.last_capture_stats
-    assert stats is not None
-    assert stats["peak_buffered_bytes"] <= 0.024e9
-    cap = open_capture(tmp_path / "c.zarr")
-    assert cap.status == "complete" and cap.num_rows == 40 * 4 * seq
-    for i in range(8):
-        got = cap.activations(f"layers.{i}", logical=False).compute()
-        assert np.array_equal(got, _expected(inputs, i)), f"layers.{i}"
+    check_rows_under_budget_pressure(_inputs(40, 4, seq, 1024, dtype), "cuda", tmp_path / "c.zarr")
 
 
 @pytest.mark.timeout(120)
@@ -130,44 +92,8 @@ def test_model_on_a_side_stream(tmp_path: Path) -> None:
 def test_writer_failure_during_cuda_capture_reaches_the_caller(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    before = llminstr_threads()
-    disk_full = OSError(28, "disk full")
-    calls = {"n": 0}
-    original = backends.ZarrBackend.write_chunk
-
-    def failing(self: backends.ZarrBackend, *args: object) -> None:
-        calls["n"] += 1
-        if calls["n"] > 40:
-            raise disk_full
-        original(self, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(backends.ZarrBackend, "write_chunk", failing)
     fw, model = _framework(4, max_memory_gb=0.05, chunk_rows=128, commit_interval_s=0.001)
     inputs = _inputs(4, 4, 64, 512, torch.float32)
-    start = time.monotonic()
-    with (
-        pytest.raises(LlminstrError) as info,
-        fw.capture_activations(tmp_path / "c.zarr"),
-        torch.no_grad(),
-    ):
-        for _ in range(500):
-            for x in inputs:
-                model(inputs_embeds=x)
-    assert time.monotonic() - start < 60
-    chain, err = [], info.value
-    while err is not None:
-        chain.append(err)
-        err = err.__cause__  # type: ignore[assignment]
-    assert disk_full in chain, chain
-    cap = open_capture(tmp_path / "c.zarr")
-    assert cap.status == "aborted"
-    assert cap.num_rows > 0 and cap.verify() == []
-    x_rows = cap.activations("layers.0").compute()
-    per_pass = 4 * 64
-    for p in range(cap.num_rows // per_pass):
-        want = _expected([inputs[p % 4]], 0)
-        assert np.array_equal(x_rows[p * per_pass : (p + 1) * per_pass], want)
-    deadline = time.monotonic() + 10
-    while llminstr_threads() - before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert llminstr_threads() - before == set()
+    check_writer_failure_reaches_the_model_thread(
+        fw, model, inputs, tmp_path / "c.zarr", monkeypatch, fail_after=40
+    )

@@ -100,21 +100,33 @@ class _Stack(torch.nn.Module):
         return out
 
 
-def _stack(layers: int, **cfg: Any) -> tuple[InstrumentationFramework, _Stack]:
-    model = _Stack(layers)
+def _stack(layers: int, device: str = "cpu", **cfg: Any) -> tuple[InstrumentationFramework, _Stack]:
+    model = _Stack(layers).to(device)
     names = tuple(f"layers.{i}" for i in range(layers))
     fw = InstrumentationFramework(InstrumentationConfig(module_names=names, progress=False, **cfg))
     fw.instrument_model(model)
     return fw, model
 
 
-def _inputs(passes: int, batch: int, seq: int, width: int) -> list[torch.Tensor]:
+def _inputs(
+    passes: int,
+    batch: int,
+    seq: int,
+    width: int,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(batch, seq, width, generator=g) for _ in range(passes)]
+    return [
+        torch.randn(batch, seq, width, generator=g).to(device=device, dtype=dtype)
+        for _ in range(passes)
+    ]
 
 
 def _expected(inputs: list[torch.Tensor], layer: int) -> np.ndarray:
-    return torch.cat([(x * (layer + 1) + layer).reshape(-1, x.shape[-1]) for x in inputs]).numpy()
+    """Rows of layer ``layer``, computed where the inputs live (bfloat16 as its bits)."""
+    out = torch.cat([(x * (layer + 1) + layer).reshape(-1, x.shape[-1]) for x in inputs]).cpu()
+    return out.view(torch.uint16).numpy() if out.dtype == torch.bfloat16 else out.numpy()
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -172,19 +184,25 @@ def test_budget_pressure_splits_passes_and_never_deadlocks(
     assert (staging.INLINE_BYTES >= 4 * 64 * 1024 * 4) and (
         staging.INLINE_BYTES < 4 * 160 * 1024 * 4
     )
-    fw, model = _stack(8, max_memory_gb=0.024, chunk_rows=256, encoder_threads=2)
-    inputs = _inputs(30, 4, seq, 1024)
-    with fw.capture_activations(tmp_path / "c.zarr"), torch.no_grad():
+    check_rows_under_budget_pressure(_inputs(30, 4, seq, 1024), "cpu", tmp_path / "c.zarr")
+    assert fake.copy_streams == (1 if seq == 160 else 0)
+
+
+def check_rows_under_budget_pressure(inputs: list[torch.Tensor], device: str, path: Path) -> None:
+    """Eight sites against a 24 MB budget shared with the writer: the buffered bytes stay
+    within it and every row arrives. (Also run on a GPU by tests/test_cuda.py.)"""
+    fw, model = _stack(8, device, max_memory_gb=0.024, chunk_rows=256, encoder_threads=2)
+    with fw.capture_activations(path), torch.no_grad():
         for x in inputs:
             model(inputs_embeds=x)
     stats = fw.last_capture_stats
     assert stats is not None
     assert stats["peak_buffered_bytes"] <= 0.024e9
-    cap = open_capture(tmp_path / "c.zarr")
-    assert cap.status == "complete" and cap.num_rows == 30 * 4 * seq
-    assert fake.copy_streams == (1 if seq == 160 else 0)
+    cap = open_capture(path)
+    assert cap.status == "complete" and cap.num_rows == sum(x.shape[0] * x.shape[1] for x in inputs)
     for i in range(8):
-        assert np.array_equal(cap.activations(f"layers.{i}").compute(), _expected(inputs, i))
+        got = cap.activations(f"layers.{i}", logical=False).compute()
+        assert np.array_equal(got, _expected(inputs, i)), f"layers.{i}"
 
 
 def test_a_row_wider_than_an_arena(
@@ -213,10 +231,17 @@ def test_budget_and_arenas_released_at_close(fake: FakeOps, tmp_path: Path) -> N
     assert fake.allocated == fake.released
 
 
-@pytest.mark.timeout(60)
-def test_writer_failure_reaches_the_model_thread(
-    fake: FakeOps, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def check_writer_failure_reaches_the_model_thread(
+    fw: InstrumentationFramework,
+    model: torch.nn.Module,
+    inputs: list[torch.Tensor],
+    path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fail_after: int,
 ) -> None:
+    """Chunk writes fail after ``fail_after``: the model's thread gets an error whose causes
+    include the disk's, promptly; the capture is aborted with whole, correct passes; no
+    llminstr thread is left running. (Also run on a GPU by tests/test_cuda.py.)"""
     before = llminstr_threads()
     disk_full = OSError(28, "disk full")
     calls = {"n": 0}
@@ -224,19 +249,13 @@ def test_writer_failure_reaches_the_model_thread(
 
     def failing(self: backends.ZarrBackend, *args: Any) -> None:
         calls["n"] += 1
-        if calls["n"] > 30:
+        if calls["n"] > fail_after:
             raise disk_full
         original(self, *args)
 
     monkeypatch.setattr(backends.ZarrBackend, "write_chunk", failing)
-    fw, model = _stack(3, max_memory_gb=0.05, chunk_rows=32, commit_interval_s=0.001)
-    inputs = _inputs(4, 2, 16, 64)
     start = time.monotonic()
-    with (
-        pytest.raises(LlminstrError) as info,
-        fw.capture_activations(tmp_path / "c.zarr"),
-        torch.no_grad(),
-    ):
+    with pytest.raises(LlminstrError) as info, fw.capture_activations(path), torch.no_grad():
         for _ in range(2000):
             for x in inputs:
                 model(inputs_embeds=x)
@@ -247,19 +266,29 @@ def test_writer_failure_reaches_the_model_thread(
         chain.append(err)
         err = err.__cause__
     assert disk_full in chain, chain
-    cap = open_capture(tmp_path / "c.zarr")
+    cap = open_capture(path)
     assert cap.status == "aborted"
     assert cap.verify() == []
     rows = cap.activations("layers.0").compute()
-    per_pass = 2 * 16
+    per_pass = inputs[0].shape[0] * inputs[0].shape[1]
     assert cap.num_rows >= per_pass
     for p in range(cap.num_rows // per_pass):
-        want = _expected([inputs[p % 4]], 0)
+        want = _expected([inputs[p % len(inputs)]], 0)
         assert np.array_equal(rows[p * per_pass : (p + 1) * per_pass], want)
     deadline = time.monotonic() + 10
     while llminstr_threads() - before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert llminstr_threads() - before == set()
+
+
+@pytest.mark.timeout(60)
+def test_writer_failure_reaches_the_model_thread(
+    fake: FakeOps, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fw, model = _stack(3, max_memory_gb=0.05, chunk_rows=32, commit_interval_s=0.001)
+    check_writer_failure_reaches_the_model_thread(
+        fw, model, _inputs(4, 2, 16, 64), tmp_path / "c.zarr", monkeypatch, fail_after=30
+    )
 
 
 def test_a_site_that_changes_shape_between_passes(fake: FakeOps, tmp_path: Path) -> None:
