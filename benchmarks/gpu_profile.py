@@ -5,6 +5,8 @@ interleaved, and prints for each: wall time, CPU time of the model's thread, CPU
 the whole process (drain and encoder threads included), per generated token. Variants:
 
 - ``captured``: the library as it is;
+- ``no-drain``: the same copies, but batches are held until the capture closes, so the
+  drain and encoder threads stay idle while the model runs;
 - ``spin-events``: batch events that spin instead of block while the drain waits;
 - ``stage-noop``: hooks and session bookkeeping only, the stager drops every output;
 - ``bare-hooks``: plain forward hooks that do nothing, on the same modules (the cost of
@@ -27,7 +29,13 @@ from pathlib import Path
 import torch
 import transformers
 
-from llminstr import HookGranularity, InstrumentationConfig, InstrumentationFramework, capture
+from llminstr import (
+    HookGranularity,
+    InstrumentationConfig,
+    InstrumentationFramework,
+    capture,
+    staging,
+)
 from llminstr.staging import CudaStager, DeviceOps
 
 
@@ -61,7 +69,7 @@ def main() -> None:
         if args.device != "cpu":
             torch.cuda.synchronize()
 
-    variants = ("plain", "captured", "spin-events", "stage-noop", "bare-hooks")
+    variants = ("plain", "captured", "no-drain", "spin-events", "stage-noop", "bare-hooks")
     samples: dict[str, list[tuple[float, float, float]]] = {v: [] for v in variants}
     modules = dict(model.named_modules())
     real_ops, real_stage, real_end = capture.DEVICE_OPS, CudaStager.stage, CudaStager.end_pass
@@ -78,6 +86,13 @@ def main() -> None:
                     h.remove()
         else:
             capture.DEVICE_OPS = _SpinOps() if name == "spin-events" else real_ops
+            held = (staging.BATCH_BYTES, staging.BATCH_PASSES, staging.BATCH_SECONDS)
+            if name == "no-drain":
+                staging.BATCH_BYTES, staging.BATCH_PASSES, staging.BATCH_SECONDS = (
+                    1 << 62,
+                    1 << 62,
+                    float("inf"),
+                )
             if name == "stage-noop":  # nothing staged and no token rows: an empty capture
                 CudaStager.stage = lambda *a, **k: None  # type: ignore[method-assign]
                 CudaStager.end_pass = lambda *a, **k: None  # type: ignore[method-assign]
@@ -85,6 +100,7 @@ def main() -> None:
                 with fw.capture_activations(path):
                     generate()
             finally:
+                staging.BATCH_BYTES, staging.BATCH_PASSES, staging.BATCH_SECONDS = held
                 capture.DEVICE_OPS = real_ops
                 CudaStager.stage, CudaStager.end_pass = real_stage, real_end  # type: ignore[method-assign]
 
