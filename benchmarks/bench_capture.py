@@ -2,10 +2,11 @@
 
 1. overhead: ``generate`` wall time with ALL-granularity capture to disk / without, on a
    GPT-2-small-shaped model (random weights), batch 4. With ``--device cuda`` also
-   ``overhead_b32``: batch 32 x 128-token prompts in bf16. Target <= 1.05.
+   ``overhead_384`` (384 new tokens) and ``overhead_b32``: batch 32 x 128-token prompts in
+   bf16. Target <= 1.05 (the issue sets it for the CPU).
 2. sink: synthetic wide tensors pushed through real forward hooks (layers that cost
    nothing), GB/s achieved / the same-run ceiling (Blosc encode of the same chunks with
-   the same thread count + a plain file write). Target >= 0.85. On CUDA the tensors live
+   the same thread count + a plain file write). 800 MB per 2 cores. Target >= 0.85. On CUDA the tensors live
    on the device and ``d2h_gbps`` gives the plain device -> pinned copy rate for context.
 3. memory: peak RSS above the model's own footprint while the disk is slower than the
    producer (writes throttled), / max_memory_gb. Target <= 1.10.
@@ -293,6 +294,12 @@ def main() -> None:
             )
             if not args.quick:  # the fixed cost of opening and closing a capture, amortised
                 results["overhead_96"] = overhead(tmp, repeats=3, new_tokens=96, device=args.device)
+            if args.device != "cpu" and not args.quick:
+                # A GPU generates 96 tokens in about a second, where a capture's fixed
+                # cost (opening, pinning arenas, closing) still shows: a longer run too.
+                results["overhead_384"] = overhead(
+                    tmp, repeats=3, new_tokens=384, device=args.device
+                )
             if args.device != "cpu":  # a GPU-sized batch in bf16: more bytes per step
                 results["overhead_b32"] = overhead(
                     tmp,
@@ -305,10 +312,13 @@ def main() -> None:
                 )
         if "sink" not in args.skip:
             with tempfile.TemporaryDirectory(prefix="llminstr-sink-", dir=args.sink_dir) as sd:
+                # The ceiling's wall time, not its bytes, stays about the same from machine
+                # to machine: on 16 cores 800 MB take a tenth of a second, and the fixed
+                # cost of opening and closing a capture would be measured instead of its
+                # throughput.
+                mb = (200 if args.quick else 800) * max(1, threads // 2)
                 for cname in ("lz4", "zstd"):
-                    results[f"sink_{cname}"] = sink(
-                        Path(sd), 200 if args.quick else 800, threads, cname, args.device
-                    )
+                    results[f"sink_{cname}"] = sink(Path(sd), mb, threads, cname, args.device)
         if "memory" not in args.skip:
             results["memory"] = memory(
                 tmp, budget_gb=0.1, mbps=100, passes=20 if args.quick else 60, device=args.device
@@ -317,6 +327,7 @@ def main() -> None:
     targets = {
         "overhead": "<= 1.05",
         "overhead_96": "<= 1.05",
+        "overhead_384": "<= 1.05",
         "overhead_b32": "<= 1.05",
         "sink_lz4": ">= 0.85",
         "sink_zstd": ">= 0.85",

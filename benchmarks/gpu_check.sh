@@ -41,7 +41,7 @@ timeout 120 $PY benchmarks/gpu_profile.py >"$OUT/profile.txt" 2>&1
 echo "profile exit $?"; tail -9 "$OUT/profile.txt"
 
 echo "== capture benchmarks on the GPU"
-timeout 220 $PY benchmarks/bench_capture.py --device cuda --json "$OUT/bench_gpu.json" \
+timeout 300 $PY benchmarks/bench_capture.py --device cuda --json "$OUT/bench_gpu.json" \
   >"$OUT/bench_gpu.txt" 2>&1
 echo "bench exit $?"
 grep -v "held the model back" "$OUT/bench_gpu.txt" | tail -10
