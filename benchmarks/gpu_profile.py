@@ -8,6 +8,8 @@ the whole process (drain and encoder threads included), per generated token. Var
 - ``no-drain``: the same copies, but batches are held until the capture closes, so the
   drain and encoder threads stay idle while the model runs;
 - ``spin-events``: batch events that spin instead of block while the drain waits;
+- ``torch-pinned``: arenas from torch's pinned allocator instead of registered ``mmap``
+  pages (if registered pages were not treated as pinned, every copy would wait);
 - ``stage-noop``: hooks and session bookkeeping only, the stager drops every output;
 - ``bare-hooks``: plain forward hooks that do nothing, on the same modules (the cost of
   torch's hook dispatch alone).
@@ -69,7 +71,15 @@ def main() -> None:
         if args.device != "cpu":
             torch.cuda.synchronize()
 
-    variants = ("plain", "captured", "no-drain", "spin-events", "stage-noop", "bare-hooks")
+    variants = (
+        "plain",
+        "captured",
+        "no-drain",
+        "spin-events",
+        "torch-pinned",
+        "stage-noop",
+        "bare-hooks",
+    )
     samples: dict[str, list[tuple[float, float, float]]] = {v: [] for v in variants}
     modules = dict(model.named_modules())
     real_ops, real_stage, real_end = capture.DEVICE_OPS, CudaStager.stage, CudaStager.end_pass
@@ -85,7 +95,10 @@ def main() -> None:
                 for h in handles:
                     h.remove()
         else:
-            capture.DEVICE_OPS = _SpinOps() if name == "spin-events" else real_ops
+            capture.DEVICE_OPS = {
+                "spin-events": _SpinOps(),
+                "torch-pinned": DeviceOps(register=False),
+            }.get(name, real_ops)
             held = (staging.BATCH_BYTES, staging.BATCH_PASSES, staging.BATCH_SECONDS)
             if name == "no-drain":
                 staging.BATCH_BYTES, staging.BATCH_PASSES, staging.BATCH_SECONDS = (

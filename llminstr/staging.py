@@ -76,11 +76,12 @@ class DeviceOps:
     """The CUDA calls the stager makes, in one place. Tests substitute a CPU stand-in
     (``tests/test_staging.py``) so the staging logic runs in CI without a GPU."""
 
-    def __init__(self) -> None:
+    def __init__(self, register: bool = True) -> None:
         self._streams: dict[tuple[int, int], Any] = {}
         raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
         self._raw_stream: Callable[[int], int] | None = raw
-        self._register_ok = True
+        # register=False: arenas from torch's pinned allocator (benchmarks compare both).
+        self._register_ok = register
 
     def handles(self, tensor: torch.Tensor) -> bool:
         return bool(tensor.is_cuda)
@@ -136,7 +137,11 @@ class DeviceOps:
                 def release() -> None:
                     cudart.cudaHostUnregister(ptr)
 
-                return array, torch.from_numpy(array), release
+                tensor = torch.from_numpy(array)
+                if not tensor.is_pinned():  # a copy into it would not be asynchronous
+                    release()
+                    raise RuntimeError("registered memory is not reported as pinned")
+                return array, tensor, release
             except Exception as exc:  # an older torch, or a driver that refuses
                 self._register_ok = False
                 log.debug("pinned arenas fall back to torch's pinned allocator: %r", exc)
