@@ -331,6 +331,18 @@ class CaptureSession:
             flat = tensor.reshape(rows_total, *feature)
             self.deliver_rows(index, _host_rows(flat, plan.keep))
 
+    def staging_stats(self) -> dict[str, int] | None:
+        """Device staging, when the model ran on CUDA: batches sent to the drain thread,
+        bytes copied to pinned arenas, and the most arena bytes held at once."""
+        stager = self._stager
+        if stager is None:
+            return None
+        return {
+            "batches": stager.batches,
+            "staged_bytes": stager.staged_bytes,
+            "peak_arena_bytes": stager.peak_held,
+        }
+
     def _staging(self) -> CudaStager:
         if self._stager is None:
             self._stager = CudaStager(self, len(self.sites), self.budget, self._ops)

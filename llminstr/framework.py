@@ -176,6 +176,7 @@ class InstrumentationFramework:
         report["target_throughput_gbps"] = self.config.target_throughput_gbps
         report["max_memory_gb"] = self.config.max_memory_gb
         report["forward_passes"] = session._step
+        report["staging"] = session.staging_stats()
         # Limited: the model waited for the pipeline for more than STALL_FRACTION of the
         # capture (a few milliseconds of queue waits in a long run are not a limit).
         stalled = stats.stall_seconds > STALL_FRACTION * stats.seconds

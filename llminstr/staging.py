@@ -244,6 +244,7 @@ class CudaStager:
         self._free: dict[int, list[_Arena]] = {}
         self._all: set[_Arena] = set()
         self._held = 0  # bytes of arenas allocated (all counted in the budget)
+        self.peak_held = 0
         self.set_cap(budget.limit // 2)
         self._pending = _Pending(started=time.perf_counter())
         self._queue: queue.Queue[_Batch | None] = queue.Queue()
@@ -301,6 +302,7 @@ class CudaStager:
                 room = self._held + size <= self.cap or not self._all
                 if room and self.budget.try_acquire(size):
                     self._held += size
+                    self.peak_held = max(self.peak_held, self._held)
                     break
             # No arena: free idle ones of other sizes and the writer's pooled buffers,
             # hand the drain thread what is staged, then wait for something to come back.

@@ -329,6 +329,7 @@ def test_capture_stats_and_metadata(tmp_path) -> None:
     assert stats["status"] == "complete"
     # 6 sites x 40 rows x 32 float32 + 4 token columns x 40 rows x 8 bytes
     assert stats["activation_raw_bytes"] == 6 * 40 * 32 * 4
+    assert stats["staging"] is None  # a model on the CPU stages nothing
     assert stats["raw_bytes"] == 6 * 40 * 32 * 4 + 4 * 40 * 8
     assert stats["stored_bytes"] > 0 and stats["compression_ratio"] > 0
     assert stats["peak_buffered_bytes"] <= 0.1e9
@@ -534,7 +535,7 @@ def test_pipeline_limited_needs_a_real_stall(
         encoder_threads=2,
         chunk_rows=16,
     )
-    session = types.SimpleNamespace(path="x.zarr", writer=None, _step=3)
+    session = types.SimpleNamespace(path="x.zarr", writer=None, _step=3, staging_stats=lambda: None)
     with caplog.at_level("WARNING", logger="llminstr"):
         report = fw._report(stats, session)  # type: ignore[arg-type]
     assert report["pipeline_limited"] is limited

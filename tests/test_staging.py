@@ -165,6 +165,10 @@ def test_small_passes_are_batched(
     assert cap.num_rows == 800
     for i in range(4):
         assert np.array_equal(cap.activations(f"layers.{i}").compute(), _expected(inputs, i))
+    staged = fw.last_capture_stats["staging"]  # type: ignore[index]
+    assert staged["staged_bytes"] == 4 * 800 * 32 * 4
+    assert staged["batches"] == 1 + -(-199 // staging.BATCH_PASSES)
+    assert 0 < staged["peak_arena_bytes"] <= 0.05e9
     # the first pass is copied before the writer exists; then batches of BATCH_PASSES
     # passes: one call per site per batch, two where a batch crosses into a new arena
     batches = -(-199 // staging.BATCH_PASSES)
