@@ -275,12 +275,22 @@ def main() -> None:
     ap.add_argument("--skip", nargs="*", default=[], choices=["overhead", "sink", "memory"])
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the model and its tensors)")
     ap.add_argument(
+        "--defer-copies",
+        action="store_true",
+        help="CUDA: copy small outputs at the end of their pass (staging.DEFER_COPIES); "
+        "the memory run, a subprocess, keeps the default",
+    )
+    ap.add_argument(
         "--sink-dir",
         default="/dev/shm" if os.path.isdir("/dev/shm") else None,
         help="where the sink benchmark writes (default /dev/shm: the pipeline's own ceiling, "
         "not the disk's); the other runs use a temporary folder on disk",
     )
     args = ap.parse_args()
+    if args.defer_copies:
+        from llminstr import staging
+
+        staging.DEFER_COPIES = True
     threads = os.cpu_count() or 1
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="llminstr-bench-") as d:

@@ -45,3 +45,10 @@ timeout 300 $PY benchmarks/bench_capture.py --device cuda --json "$OUT/bench_gpu
   >"$OUT/bench_gpu.txt" 2>&1
 echo "bench exit $?"
 grep -v "held the model back" "$OUT/bench_gpu.txt" | tail -10
+
+echo "== the same overhead runs with small copies deferred to the end of each pass"
+timeout 180 $PY benchmarks/bench_capture.py --device cuda --defer-copies --skip sink memory \
+  --json "$OUT/bench_gpu_deferred.json" >"$OUT/bench_gpu_deferred.txt" 2>&1
+echo "bench exit $?"
+grep -v "held the model back" "$OUT/bench_gpu_deferred.txt" | tail -6
+

@@ -5,6 +5,8 @@ interleaved, and prints for each: wall time, CPU time of the model's thread, CPU
 the whole process (drain and encoder threads included), per generated token. Variants:
 
 - ``captured``: the library as it is;
+- ``deferred``: small outputs copied at the end of their pass on the copy stream
+  (``staging.DEFER_COPIES``) instead of at once on the producing stream;
 - ``no-drain``: the same copies, but batches are held until the capture closes, so the
   drain and encoder threads stay idle while the model runs;
 - ``spin-events``: batch events that spin instead of block while the drain waits;
@@ -74,6 +76,7 @@ def main() -> None:
     variants = (
         "plain",
         "captured",
+        "deferred",
         "no-drain",
         "spin-events",
         "torch-pinned",
@@ -100,6 +103,7 @@ def main() -> None:
                 "torch-pinned": DeviceOps(register=False),
             }.get(name, real_ops)
             held = (staging.BATCH_BYTES, staging.BATCH_PASSES, staging.BATCH_SECONDS)
+            staging.DEFER_COPIES = name == "deferred"
             if name == "no-drain":
                 staging.BATCH_BYTES, staging.BATCH_PASSES, staging.BATCH_SECONDS = (
                     1 << 62,
@@ -114,6 +118,7 @@ def main() -> None:
                     generate()
             finally:
                 staging.BATCH_BYTES, staging.BATCH_PASSES, staging.BATCH_SECONDS = held
+                staging.DEFER_COPIES = False
                 capture.DEVICE_OPS = real_ops
                 CudaStager.stage, CudaStager.end_pass = real_stage, real_end  # type: ignore[method-assign]
 

@@ -51,6 +51,11 @@ log = logging.getLogger("llminstr")
 
 #: A site output of at most this many bytes per pass is copied on its producing stream.
 INLINE_BYTES = 1 << 20
+#: Copy small outputs at the end of their pass, on the copy stream, holding a reference
+#: until then, instead of at once on the producing stream (sites whose output the model
+#: changes in place, found on the first pass, are still copied at once). Off until it is
+#: measured on a GPU: ``benchmarks/gpu_profile.py`` compares both.
+DEFER_COPIES = False
 #: A batch goes to the drain thread once it holds this many bytes ...
 BATCH_BYTES = 4 << 20
 #: ... or this many passes ...
@@ -62,6 +67,14 @@ ARENA_PASSES = 2 * BATCH_PASSES
 #: ... within these bounds, and at most about 1/4 of the pool's share per site.
 MIN_ARENA = 4 << 10
 MAX_ARENA = 8 << 20
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter (None for inference tensors, which have none)."""
+    try:
+        return int(tensor._version)
+    except RuntimeError:
+        return None
 
 
 def _pow2_floor(n: int) -> int:
@@ -193,6 +206,19 @@ class _SiteFormat:
 
 
 @dataclass(eq=False)
+class _Deferred:
+    """A site output held until the end of its pass (DEFER_COPIES)."""
+
+    site: int
+    plan: PassPlan
+    tensor: torch.Tensor
+    rows: int
+    fmt: _SiteFormat
+    version: int  # the tensor's version counter at the hook
+    stream: Any  # the stream that produced it
+
+
+@dataclass(eq=False)
 class _Batch:
     pieces: list[_Piece]
     plans: list[PassPlan]  # passes that ended in this batch: their token rows go with it
@@ -240,6 +266,11 @@ class CudaStager:
         self._formats: list[_SiteFormat | None] = [None] * self.n_sites
         self._current: list[_Arena | None] = [None] * self.n_sites
         self._copy_streams: dict[int, Any] = {}
+        # DEFER_COPIES: whether each site's output is changed in place after its hook
+        # (None until seen), first-pass outputs to check, and this pass's deferred copies.
+        self._volatile: list[bool | None] = [None] * self.n_sites
+        self._watch: list[tuple[int, torch.Tensor, int]] = []
+        self._deferred: list[_Deferred] = []
         self._lock = threading.Lock()  # the arena pool
         self._free: dict[int, list[_Arena]] = {}
         self._all: set[_Arena] = set()
@@ -383,6 +414,15 @@ class CudaStager:
         producer = self.ops.current_stream(tensor.device)
         nbytes = rows * fmt.row_bytes
         if nbytes <= INLINE_BYTES:
+            if DEFER_COPIES:
+                version = _version(tensor)
+                if version is not None and (fresh or self._volatile[index] is False):
+                    self._deferred.append(
+                        _Deferred(index, plan, tensor, rows, fmt, version, producer)
+                    )
+                    return
+                if version is not None and self._volatile[index] is None:
+                    self._watch.append((index, tensor, version))
             arena = self._current[index]
             if arena is not None and arena.size - arena.fill >= nbytes:
                 # The common case: the whole pass fits behind the rows already there.
@@ -399,10 +439,7 @@ class CudaStager:
             return
         snapshot = tensor.view(rows, *feature) if fresh else tensor.view(rows, *feature).clone()
         ready = self.ops.record_event(producer)
-        device = tensor.device.index or 0
-        copy_stream = self._copy_streams.get(device)
-        if copy_stream is None:
-            copy_stream = self._copy_streams[device] = self.ops.new_stream(tensor.device)
+        copy_stream = self._copy_stream(tensor.device)
         with self.ops.use_stream(copy_stream):
             copy_stream.wait_event(ready)
             self._copy_rows(index, plan, snapshot, rows, fmt, copy_stream)
@@ -484,6 +521,12 @@ class CudaStager:
         """The pass finished: its token rows join the batch; send the batch if it is big
         or old enough (or ``force``)."""
         self._raise_if_failed()
+        if self._watch:  # sites seen for the first time: did the model change them in place?
+            for index, tensor, version in self._watch:
+                self._volatile[index] = _version(tensor) != version
+            self._watch.clear()
+        if self._deferred:
+            self._copy_deferred()
         pending = self._pending
         pending.plans.append(plan)
         if (
@@ -493,6 +536,39 @@ class CudaStager:
             or time.perf_counter() - pending.started >= BATCH_SECONDS
         ):
             self._flush()
+
+    def _copy_deferred(self) -> None:
+        """Issue the pass's deferred copies on the copy stream, after one event per
+        producing stream; the compute stream carries no host copy."""
+        items, self._deferred = self._deferred, []
+        changed = sorted({d.site for d in items if _version(d.tensor) != d.version})
+        if changed:
+            raise FormatError(
+                f"the output of site(s) {changed} was changed in place after its hook in a "
+                "later pass, though not in the first; with DEFER_COPIES its rows would be "
+                "wrong. Leave DEFER_COPIES off for this model."
+            )
+        producers = {id(d.stream): d.stream for d in items}
+        ready = [self.ops.record_event(stream) for stream in producers.values()]
+        by_device: dict[int, list[_Deferred]] = {}
+        for d in items:
+            by_device.setdefault(d.tensor.device.index or 0, []).append(d)
+        for group in by_device.values():
+            copy_stream = self._copy_stream(group[0].tensor.device)
+            with self.ops.use_stream(copy_stream):
+                for event in ready:
+                    copy_stream.wait_event(event)
+                for d in group:
+                    src = d.tensor.view(d.rows, *d.fmt.feature)
+                    self._copy_rows(d.site, d.plan, src, d.rows, d.fmt, copy_stream)
+                    self.ops.record_stream(d.tensor, copy_stream)
+
+    def _copy_stream(self, device: torch.device) -> Any:
+        index = device.index or 0
+        stream = self._copy_streams.get(index)
+        if stream is None:
+            stream = self._copy_streams[index] = self.ops.new_stream(device)
+        return stream
 
     def _flush(self) -> None:
         pending = self._pending
@@ -519,6 +595,8 @@ class CudaStager:
     def close(self) -> None:
         """Deliver what is staged (also on abort: it is data already captured), stop the
         drain thread and free every arena."""
+        self._deferred.clear()  # copies of a pass that did not finish
+        self._watch.clear()
         try:
             for i, arena in enumerate(self._current):
                 if arena is not None:

@@ -1,6 +1,7 @@
-"""The CUDA staging path (copy stream, pinned slabs, events) on a real device: no
+"""The CUDA staging path (pinned arenas, copy stream, events) on a real device: no
 synchronisation of the compute stream, exact rows under budget pressure and on a
-non-default stream, worker failures reaching the caller. Skipped without a CUDA device."""
+non-default stream, worker failures reaching the caller; with small outputs copied at once
+and with their copies deferred to the end of the pass. Skipped without a CUDA device."""
 
 from __future__ import annotations
 
@@ -18,13 +19,19 @@ from test_staging import (
 )
 from test_staging import _inputs as _cpu_inputs
 
-from llminstr import InstrumentationFramework
+from llminstr import InstrumentationFramework, staging
 from llminstr.reader import open_capture
 
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["copy-at-once", "copy-deferred"])
+def defer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    monkeypatch.setattr(staging, "DEFER_COPIES", bool(request.param))
+    return bool(request.param)
 
 
 def _framework(layers: int, **cfg: Any) -> tuple[InstrumentationFramework, torch.nn.Module]:

@@ -43,7 +43,8 @@ class FakeOps(staging.DeviceOps):
         self.stream = _Stream()
         self.allocated = 0
         self.released = 0
-        self.copy_streams = 0  # made for outputs over INLINE_BYTES
+        self.copy_streams = 0  # made for outputs over INLINE_BYTES, or deferred copies
+        self.deferred = False
 
     def handles(self, tensor: torch.Tensor) -> bool:
         return True
@@ -78,10 +79,14 @@ class FakeOps(staging.DeviceOps):
         return array, torch.from_numpy(array), release
 
 
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOps]:
+@pytest.fixture(params=[False, True], ids=["copy-at-once", "copy-deferred"])
+def fake(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOps]:
+    """The stand-in, with small outputs copied at once on the producing stream, or at the
+    end of their pass on the copy stream (staging.DEFER_COPIES)."""
     ops = FakeOps()
+    ops.deferred = bool(request.param)
     monkeypatch.setattr(capture, "DEVICE_OPS", ops)
+    monkeypatch.setattr(staging, "DEFER_COPIES", ops.deferred)
     yield ops
     assert ops.allocated == ops.released, "every arena is released at close"
 
@@ -189,7 +194,7 @@ def test_budget_pressure_splits_passes_and_never_deadlocks(
         staging.INLINE_BYTES < 4 * 160 * 1024 * 4
     )
     check_rows_under_budget_pressure(_inputs(30, 4, seq, 1024), "cpu", tmp_path / "c.zarr")
-    assert fake.copy_streams == (1 if seq == 160 else 0)
+    assert fake.copy_streams == (1 if seq == 160 or fake.deferred else 0)
 
 
 def check_rows_under_budget_pressure(inputs: list[torch.Tensor], device: str, path: Path) -> None:
@@ -322,4 +327,72 @@ def test_storage_dtype_conversion_through_the_stager(
         got = cap.activations(f"layers.{i}").compute()
         assert got.dtype == np.float16
         assert np.array_equal(got, _expected(inputs, i).astype(np.float16))
-    assert fake.copy_streams == (1 if seq == 160 else 0)
+    assert fake.copy_streams == (1 if seq == 160 or fake.deferred else 0)
+
+
+class _ChangesInPlace(torch.nn.Module):
+    """Site ``site`` returns x + 1; the model then adds 100 to that output in place,
+    from pass ``from_pass`` on (like Falcon adding attention into its MLP output)."""
+
+    def __init__(self, from_pass: int) -> None:
+        super().__init__()
+        self.site = torch.nn.Identity()
+        self.from_pass = from_pass
+        self.passes = 0
+
+    def forward(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        out = self.site(inputs_embeds + 1)
+        if self.passes >= self.from_pass:
+            out.add_(100)
+        self.passes += 1
+        return out
+
+
+def _changes_in_place(from_pass: int) -> tuple[InstrumentationFramework, _ChangesInPlace]:
+    model = _ChangesInPlace(from_pass)
+    fw = InstrumentationFramework(
+        InstrumentationConfig(module_names=("site",), max_memory_gb=0.05, progress=False)
+    )
+    fw.instrument_model(model)
+    return fw, model
+
+
+def test_output_changed_in_place_after_the_hook_is_captured_as_it_was(
+    fake: FakeOps, tmp_path: Path
+) -> None:
+    """Changed in every pass: the first pass marks the site as changed in place, so even
+    with deferred copies it is copied at once, before the change."""
+    fw, model = _changes_in_place(from_pass=0)
+    inputs = _inputs(6, 2, 4, 32)
+    with fw.capture_activations(tmp_path / "c.zarr"), torch.no_grad():
+        for x in inputs:
+            model(inputs_embeds=x)
+    got = open_capture(tmp_path / "c.zarr").activations("site").compute()
+    want = torch.cat([(x + 1).reshape(-1, 32) for x in inputs]).numpy()
+    assert np.array_equal(got, want)
+
+
+def test_a_later_in_place_change_is_refused_when_copies_are_deferred(
+    fake: FakeOps, tmp_path: Path
+) -> None:
+    """Not changed in the first pass, changed in the third: copied at once, the rows are
+    right; deferred, the change would reach the capture, so the pass is refused."""
+    fw, model = _changes_in_place(from_pass=2)
+    inputs = _inputs(4, 2, 4, 32)
+    want = torch.cat([(x + 1).reshape(-1, 32) for x in inputs]).numpy()
+    if not fake.deferred:
+        with fw.capture_activations(tmp_path / "c.zarr"), torch.no_grad():
+            for x in inputs:
+                model(inputs_embeds=x)
+        assert np.array_equal(open_capture(tmp_path / "c.zarr").activations("site").compute(), want)
+        return
+    with (
+        pytest.raises(FormatError, match=r"site\(s\) \[0\] was changed in place"),
+        fw.capture_activations(tmp_path / "c.zarr"),
+        torch.no_grad(),
+    ):
+        for x in inputs:
+            model(inputs_embeds=x)
+    cap = open_capture(tmp_path / "c.zarr")
+    assert cap.status == "aborted"
+    assert np.array_equal(cap.activations("site").compute(), want[: cap.num_rows])
