@@ -169,7 +169,10 @@ class _Arena:
     tensor: torch.Tensor  # the same bytes for torch copies
     release: Callable[[], None]
     fill: int = 0  # bytes written by the producer (model thread)
-    outstanding: int = 0  # pieces staged and not yet delivered
+    # Pieces staged (counted by the model's thread alone, so without a lock) and pieces
+    # delivered (counted under the pool lock); the arena is idle once they are equal.
+    staged: int = 0
+    released: int = 0
     retired: bool = False  # the producer writes no more into it
 
     views: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
@@ -182,7 +185,7 @@ class _Arena:
         return view
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Piece:
     """Rows ``[row0, row0 + nrows)`` of one pass of one site, at ``arena[start:...]``."""
 
@@ -327,7 +330,7 @@ class CudaStager:
                 free = self._free.get(size)
                 if free:
                     arena = free.pop()
-                    arena.fill, arena.retired = 0, False
+                    arena.fill, arena.retired, arena.staged, arena.released = 0, False, 0, 0
                     return arena
                 # Within the cap; and always one arena, so a tiny cap still makes progress.
                 room = self._held + size <= self.cap or not self._all
@@ -470,8 +473,7 @@ class CudaStager:
         nbytes: int,
         stream: Any,
     ) -> None:
-        with self._lock:
-            arena.outstanding += 1
+        arena.staged += 1
         pending = self._pending  # (a new batch if _arena had to flush)
         if pending.last_stream is not stream:
             pending.streams.setdefault(stream, stream)
@@ -514,7 +516,7 @@ class CudaStager:
     def _retire(self, arena: _Arena) -> None:
         with self._lock:
             arena.retired = True
-            if arena.outstanding == 0:
+            if arena.released == arena.staged:
                 self._give_back(arena)
 
     def end_pass(self, plan: PassPlan, *, force: bool = False) -> None:
@@ -704,8 +706,8 @@ class CudaStager:
         self.budget.notify()
 
     def _release_locked(self, arena: _Arena) -> None:
-        arena.outstanding -= 1
-        if arena.retired and arena.outstanding == 0:
+        arena.released += 1
+        if arena.retired and arena.released == arena.staged:
             self._give_back(arena)
 
     def _done(self, batch: _Batch) -> None:
