@@ -345,7 +345,8 @@ class CaptureSession:
 
     def _staging(self) -> CudaStager:
         if self._stager is None:
-            self._stager = CudaStager(self, len(self.sites), self.budget, self._ops)
+            names = [spec.name for spec, _module in self.sites]
+            self._stager = CudaStager(self, names, self.budget, self._ops)
         return self._stager
 
     def deliver_rows(self, index: int, rows: np.ndarray) -> None:

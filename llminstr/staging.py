@@ -34,7 +34,7 @@ import mmap
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -258,14 +258,15 @@ class CudaStager:
     def __init__(
         self,
         session: Delivery,
-        n_sites: int,
+        site_names: Sequence[str],
         budget: MemoryBudget,
         ops: DeviceOps | None = None,
     ) -> None:
         self.session = session
         self.ops = ops or DeviceOps()
         self.budget = budget
-        self.n_sites = max(1, n_sites)
+        self.names = list(site_names)  # for error messages
+        self.n_sites = max(1, len(self.names))
         self._formats: list[_SiteFormat | None] = [None] * self.n_sites
         self._current: list[_Arena | None] = [None] * self.n_sites
         self._copy_streams: dict[int, Any] = {}
@@ -452,7 +453,7 @@ class CudaStager:
         old = self._formats[index]
         if old is not None and (old.dtype != dtype or old.feature != feature):
             raise FormatError(
-                f"site {index} changed from {old.dtype} rows of shape {old.feature} to "
+                f"site {self.names[index]!r} changed from {old.dtype} rows of shape {old.feature} to "
                 f"{dtype} rows of shape {feature} between passes; rows of one site must "
                 "keep their shape and dtype"
             )
@@ -543,7 +544,7 @@ class CudaStager:
         """Issue the pass's deferred copies on the copy stream, after one event per
         producing stream; the compute stream carries no host copy."""
         items, self._deferred = self._deferred, []
-        changed = sorted({d.site for d in items if _version(d.tensor) != d.version})
+        changed = sorted({self.names[d.site] for d in items if _version(d.tensor) != d.version})
         if changed:
             raise FormatError(
                 f"the output of site(s) {changed} was changed in place after its hook in a "

@@ -303,7 +303,9 @@ def test_writer_failure_reaches_the_model_thread(
 def test_a_site_that_changes_shape_between_passes(fake: FakeOps, tmp_path: Path) -> None:
     fw, model = _stack(2, max_memory_gb=0.05)
     with (
-        pytest.raises(FormatError, match=r"changed from torch\.float32 rows of shape"),
+        pytest.raises(
+            FormatError, match=r"site 'layers\.0' changed from torch\.float32 rows of shape"
+        ),
         fw.capture_activations(tmp_path / "c.zarr"),
         torch.no_grad(),
     ):
@@ -387,7 +389,7 @@ def test_a_later_in_place_change_is_refused_when_copies_are_deferred(
         assert np.array_equal(open_capture(tmp_path / "c.zarr").activations("site").compute(), want)
         return
     with (
-        pytest.raises(FormatError, match=r"site\(s\) \[0\] was changed in place"),
+        pytest.raises(FormatError, match=r"site\(s\) \['site'\] was changed in place"),
         fw.capture_activations(tmp_path / "c.zarr"),
         torch.no_grad(),
     ):
