@@ -10,7 +10,7 @@ from llminstr.errors import ConfigError, WriterFailedError
 
 
 class MemoryBudget:
-    """Counts bytes held by slabs, chunk assemblers and the encode queue.
+    """Counts bytes held by CUDA staging arenas, chunk assemblers and the encode queue.
 
     ``acquire(n)`` blocks while fewer than ``n`` bytes are free (backpressure) and adds
     the time spent waiting to :attr:`stall_seconds`. ``release(n)`` gives bytes back.

@@ -3,9 +3,9 @@
 One *pass* is one call of the instrumented root module (a plain forward, or one step of
 ``generate``). A pre-hook on the root module plans the pass: which positions are real
 tokens, their ids, sequences and positions. Each site's forward hook hands its output to
-the stager, which copies it out (CPU: into the writer's chunk buffers; CUDA: through a
-dedicated copy stream into pinned slabs, with no synchronisation of the compute stream)
-and keeps only the planned rows. A post-hook on the root checks that every site fired
+the stager, which copies it out (CPU: into the writer's chunk buffers; CUDA: into pinned
+arenas, see :mod:`llminstr.staging`, with no synchronisation of the compute stream) and
+keeps only the planned rows. A post-hook on the root checks that every site fired
 exactly once, so row ``i`` is the same token in every array.
 """
 

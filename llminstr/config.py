@@ -62,7 +62,7 @@ class InstrumentationConfig:
         the number of encoder threads, and the achieved rate is reported against it in
         ``last_capture_stats`` with a warning when missed. It never changes what is stored.
     max_memory_gb
-        Host memory (GB, 1e9 bytes) that staging slabs, chunk assemblers and the encode
+        Host memory (GB, 1e9 bytes) that CUDA staging arenas, chunk assemblers and the encode
         queue may hold together. When it is spent, hooks block until the writer catches up.
         (The encode queue itself holds at most one full chunk per array plus two per
         encoder thread; hooks also wait when it is full.)
