@@ -22,7 +22,7 @@ import torch
 
 from llminstr.budget import MemoryBudget
 from llminstr.config import InstrumentationConfig
-from llminstr.errors import CaptureStateError, FormatError
+from llminstr.errors import CaptureStateError, ConfigError, FormatError
 from llminstr.format import SiteInfo
 from llminstr.sites import SiteSpec
 from llminstr.staging import CudaStager, DeviceOps
@@ -167,6 +167,7 @@ class CaptureSession:
         self._layouts: list[Any] = [None] * len(self.sites)
         self._first_pass: dict[int, list[np.ndarray]] | None = {}
         self._first_tokens: dict[str, np.ndarray] = {}
+        self._first_bytes = 0  # budget held by first-pass rows on the host
         self._step = 0
         self._next_sequence = 0
         self._live_sequences: np.ndarray | None = None  # ids of the sequences in the batch
@@ -329,7 +330,23 @@ class CaptureSession:
             if index == 0:
                 self.deliver_tokens([plan])
             flat = tensor.reshape(rows_total, *feature)
-            self.deliver_rows(index, _host_rows(flat, plan.keep))
+            rows = _host_rows(flat, plan.keep)
+            if self._first_pass is not None:
+                self._hold_first_pass_rows(rows.nbytes)
+            self.deliver_rows(index, rows)
+
+    def _hold_first_pass_rows(self, nbytes: int) -> None:
+        """The first pass's rows wait on the host until the writer opens at its end: they
+        count against the budget, and a first pass that cannot fit is refused."""
+        if not self.budget.try_acquire(nbytes):
+            held = self._first_bytes + nbytes
+            raise ConfigError(
+                f"the first forward pass needs more than {held / 1e9:.3g} GB of host memory "
+                "for its rows until the capture's layout is known at its end; "
+                f"max_memory_gb={self.config.max_memory_gb} leaves too little. Raise "
+                "max_memory_gb or start with a smaller batch."
+            )
+        self._first_bytes += nbytes
 
     def staging_stats(self) -> dict[str, int] | None:
         """Device staging, when the model ran on CUDA: batches sent to the drain thread,
@@ -435,6 +452,9 @@ class CaptureSession:
             extra_token_columns=self._extra_columns,
         )
         self._first_pass = None
+        # The writer takes its own budget for these rows as it copies them.
+        self.budget.release(self._first_bytes)
+        self._first_bytes = 0
         if self._first_tokens:
             self.writer.write_tokens(self._first_tokens)
         for index, rows in by_index.items():
@@ -470,6 +490,8 @@ class CaptureSession:
                 self.writer.close("aborted", f"{type(exc).__name__}: {exc}")
             return self.writer.stats()
         finally:
+            self.budget.release(self._first_bytes)  # a first pass that never finished
+            self._first_bytes = 0
             self._progress.close()
 
 

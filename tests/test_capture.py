@@ -540,3 +540,29 @@ def test_pipeline_limited_needs_a_real_stall(
         report = fw._report(stats, session)  # type: ignore[arg-type]
     assert report["pipeline_limited"] is limited
     assert ("held the model back" in caplog.text) is limited
+
+
+def test_first_pass_rows_count_against_the_budget(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The first pass's rows wait on the host until the writer opens at its end: they are
+    counted, and a first pass larger than the budget is refused with what to do."""
+    from test_staging import _inputs, _stack
+
+    fw, model = _stack(4, max_memory_gb=0.05, chunk_rows=64)
+    first = _inputs(1, 8, 256, 1024)[0]  # 4 sites x 8 MiB of rows
+    with fw.capture_activations(tmp_path / "ok.zarr"), torch.no_grad():
+        model(inputs_embeds=first)
+    stats = fw.last_capture_stats
+    assert stats is not None
+    assert stats["peak_buffered_bytes"] >= 4 * 8 * 256 * 1024 * 4
+
+    fw, model = _stack(4, max_memory_gb=0.02, chunk_rows=64)
+    with (
+        pytest.raises(
+            ConfigError, match=r"first forward pass needs more than .* Raise max_memory_gb"
+        ),
+        fw.capture_activations(tmp_path / "big.zarr") as session,
+        torch.no_grad(),
+    ):
+        model(inputs_embeds=first)
+    assert session.budget.used == 0
+    assert session.writer is None
