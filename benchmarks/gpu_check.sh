@@ -2,9 +2,11 @@
 # One-shot GPU check on a lent CUDA machine, which reaches no network: prepare the wheels it
 # lacks here first (bash benchmarks/gpu_wheels.sh), carry ".gpu-wheels" with the run, and run
 #   bash benchmarks/gpu_check.sh
-# It runs the CUDA tests (and the capture tests, as a check of that machine's library
-# versions), the capture benchmarks on the GPU and a profile of the hooks, and prints a
-# short table last. Full logs go to $OUT (default /tmp/llminstr-gpu).
+# It runs the CUDA tests (and the staging and capture tests, as a check of that machine's
+# library versions), a profile of the hooks in eight variants (benchmarks/gpu_profile.py),
+# the capture benchmarks on the GPU, and the overhead runs again with deferred copies; each
+# section prints a short table. About 5 minutes on an H100: give the device call
+# timeout_s=600. Full logs go to $OUT (default /tmp/llminstr-gpu).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/llminstr-gpu}

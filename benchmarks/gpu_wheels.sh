@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Run on the development machine (it reaches PyPI): downloads into .gpu-wheels/ the few
 # Python 3.12 wheels that the lent GPU machines' image lacks (it has torch, numpy, h5py,
-# numba, transformers, pytest; it reaches no network). About 5 MB: carry it with the run
-# (carry [".gpu-wheels"]), then run benchmarks/gpu_check.sh there.
+# numba, transformers, pytest; it reaches no network), plus py-spy for stacks taken by hand.
+# About 7 MB: carry it with the run (carry [".gpu-wheels"]), then run
+# benchmarks/gpu_check.sh there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP=${PIP:-.venv/bin/pip}
