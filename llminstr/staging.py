@@ -226,7 +226,6 @@ class _Batch:
     pieces: list[_Piece]
     plans: list[PassPlan]  # passes that ended in this batch: their token rows go with it
     events: list[Any]
-    nbytes: int = 0
 
 
 @dataclass(eq=False)
@@ -582,16 +581,10 @@ class CudaStager:
         self._pending = _Pending(started=time.perf_counter())
         self.staged_bytes += pending.nbytes
         self.batches += 1
-        self._queue.put(_Batch(pending.pieces, pending.plans, events, pending.nbytes))
+        self._queue.put(_Batch(pending.pieces, pending.plans, events))
 
     def wait_idle(self) -> None:
         """Wait until the drain thread delivered every batch already sent."""
-        self._queue.join()
-        self._raise_if_failed()
-
-    def flush(self) -> None:
-        """Send what is staged and wait until the drain thread delivered all of it."""
-        self._flush()
         self._queue.join()
         self._raise_if_failed()
 

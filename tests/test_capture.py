@@ -4,6 +4,7 @@ architectures and dtypes; instrumentation never changes outputs; context-manager
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,85 +18,31 @@ from llminstr.reader import open_capture
 transformers.logging.set_verbosity_error()
 
 
+_DECODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+_GQA = dict(_DECODER, intermediate_size=64, num_key_value_heads=2)
+#: arch -> (config class, model class, sizes): tiny models with random weights.
+_TINY: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_layer=2, n_embd=32, n_head=4, n_positions=64)),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", _GQA),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", _GQA),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(_DECODER, intermediate_size=64)),
+    "opt": (
+        "OPTConfig",
+        "OPTForCausalLM",
+        dict(_DECODER, ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=64),
+    ),
+    "mistral": ("MistralConfig", "MistralForCausalLM", _GQA),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(_GQA, head_dim=8)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", _GQA),
+}
+
+
 def _tiny(arch: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     torch.manual_seed(0)
+    config_cls, model_cls, sizes = _TINY[arch]
     common = dict(vocab_size=97, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if arch == "gpt2":
-        cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, **common)
-        model = transformers.GPT2LMHeadModel(cfg)
-    elif arch == "llama":
-        cfg = transformers.LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            **common,
-        )
-        model = transformers.LlamaForCausalLM(cfg)
-    elif arch == "qwen2":
-        cfg = transformers.Qwen2Config(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            **common,
-        )
-        model = transformers.Qwen2ForCausalLM(cfg)
-    elif arch == "gpt_neox":
-        cfg = transformers.GPTNeoXConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            **common,
-        )
-        model = transformers.GPTNeoXForCausalLM(cfg)
-    elif arch == "opt":
-        cfg = transformers.OPTConfig(
-            hidden_size=32,
-            ffn_dim=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            word_embed_proj_dim=32,
-            max_position_embeddings=64,
-            **common,
-        )
-        model = transformers.OPTForCausalLM(cfg)
-    elif arch == "mistral":
-        cfg = transformers.MistralConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            **common,
-        )
-        model = transformers.MistralForCausalLM(cfg)
-    elif arch == "gemma":
-        cfg = transformers.GemmaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            **common,
-        )
-        model = transformers.GemmaForCausalLM(cfg)
-    elif arch == "phi3":
-        cfg = transformers.Phi3Config(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            **common,
-        )
-        model = transformers.Phi3ForCausalLM(cfg)
-    else:  # pragma: no cover
-        raise ValueError(arch)
+    cfg = getattr(transformers, config_cls)(**sizes, **common)
+    model: torch.nn.Module = getattr(transformers, model_cls)(cfg)
     return model.to(dtype).eval()
 
 
