@@ -520,11 +520,17 @@ def _host_rows(flat: torch.Tensor, keep: np.ndarray | None) -> np.ndarray:
     return arr if keep is None else arr[keep]
 
 
+#: Keyword arguments under which models receive their KV cache (see :func:`_past_length`).
+_CACHE_KWARGS = ("past_key_values", "cache", "past_key_value")
+
+
 def _past_length(kwargs: Mapping[str, Any], mask: torch.Tensor | None, seq_len: int) -> int:
     """Tokens already in the KV cache, from host-side shapes only (never a device sync)."""
     if mask is not None and mask.dim() == 2:
         return max(0, int(mask.shape[1]) - seq_len)
-    cache = kwargs.get("past_key_values")
+    # The cache's keyword differs between transformers releases: ``past_key_values``
+    # (4.x), ``cache`` (5.x); a model that takes neither is treated as uncached.
+    cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
     if cache is None:
         return 0
     if hasattr(cache, "get_seq_length"):

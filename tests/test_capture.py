@@ -176,6 +176,28 @@ def test_token_columns_and_sequences_across_calls(tmp_path) -> None:
     assert tok["step"][20:].tolist() == [3] * 4
 
 
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox", "opt"])
+def test_generate_without_attention_mask_continues_its_sequences(arch: str, tmp_path) -> None:
+    """Without a mask, the tokens already in the cache come from the cache object, whatever
+    keyword the model receives it under (``past_key_values`` in transformers 4, ``cache``
+    in 5): decode steps continue their sequences instead of starting new ones."""
+    model = _tiny(arch)
+    fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1, chunk_rows=4))
+    fw.instrument_model(model)
+    prompts = torch.tensor([[9, 8, 7, 6, 5], [3, 4, 5, 6, 7]])
+    with fw.capture_activations(tmp_path / "c.zarr"), torch.no_grad():
+        out = model.generate(
+            prompts, max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None
+        )
+    tok = open_capture(tmp_path / "c.zarr").token_table()
+    assert tok["sequence"].tolist() == [0] * 5 + [1] * 5 + [0, 1] * 2
+    assert tok["position"].tolist() == [0, 1, 2, 3, 4] * 2 + [5, 5, 6, 6]
+    assert tok["step"].tolist() == [0] * 10 + [1, 1, 2, 2]
+    assert tok["token_id"].tolist() == prompts.reshape(-1).tolist() + out[:, 5:7].T.reshape(
+        -1
+    ).tolist()
+
 def test_outputs_identical_and_hooks_removed(tmp_path) -> None:
     model = _tiny("llama")
     ids = torch.randint(3, 90, (2, 7))
