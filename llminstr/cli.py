@@ -42,6 +42,26 @@ def demo_prompts(n: int) -> list[str]:
     return prompts
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0; got {text}")
+    return value
+
+
 def _gb(n: float) -> str:
     return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
@@ -54,6 +74,7 @@ def load_model(spec: str, device: str, dtype: str) -> tuple[Any, Any]:
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
         dtype
     ]
+    _check_device(device)
     if spec == "demo":
         from llminstr.demo import load_demo_model
 
@@ -66,7 +87,7 @@ def load_model(spec: str, device: str, dtype: str) -> tuple[Any, Any]:
             spec, dtype=torch_dtype, local_files_only=local
         )
         tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=local)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise LlminstrError(
             f"could not load model {spec!r}: {exc}. Pass 'demo', a local model directory, or a "
             "hub name while online."
@@ -76,6 +97,25 @@ def load_model(spec: str, device: str, dtype: str) -> tuple[Any, Any]:
     tokenizer.padding_side = "left"
     loaded: Any = model
     return loaded.to(device).eval(), tokenizer
+
+
+def _check_device(device: str) -> None:
+    """Refuse a device torch cannot use before any model is loaded."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise LlminstrError(f"--device {device!r} is not a torch device: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LlminstrError(
+            f"--device {device!r}: CUDA is not available to this torch build "
+            f"({torch.__version__}); use --device cpu"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise LlminstrError(
+            f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
 
 
 def _encode(tokenizer: Any, prompts: list[str]) -> dict[str, Any]:
@@ -90,8 +130,10 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
         path = Path(args.prompts_file)
-        if not path.is_file():
+        if not path.exists():
             raise LlminstrError(f"--prompts-file {str(path)!r} does not exist")
+        if not path.is_file():
+            raise LlminstrError(f"--prompts-file {str(path)!r} is not a file")
         prompts += [
             line.rstrip("\n")
             for line in path.read_text(encoding="utf-8").splitlines()
@@ -106,6 +148,10 @@ def run_capture(args: argparse.Namespace) -> dict[str, Any]:
 
     from llminstr import HookGranularity, InstrumentationConfig, InstrumentationFramework
 
+    output = Path(args.output)
+    if (output.exists() or output.is_symlink()) and not args.overwrite:
+        raise LlminstrError(f"{str(output)!r} already exists; pass --overwrite to replace it")
+    prompts = _read_prompts(args)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     cfg = InstrumentationConfig(
@@ -122,7 +168,6 @@ def run_capture(args: argparse.Namespace) -> dict[str, Any]:
     )
     fw = InstrumentationFramework(cfg)
     sites = fw.instrument_model(model)
-    prompts = _read_prompts(args)
     texts: list[str] = []
     starts = range(0, len(prompts), args.batch_size)
     bar = _bar(args, "prompts", "prompts")  # the batch bar knows its total: it gives the ETA
@@ -286,6 +331,11 @@ def run_analysis(
     include = (
         tuple(args.include) if args.include else ("statistics", "sae_features", "causal_graph")
     )
+    if not args.include and args.sites and len(set(args.sites)) == 1:
+        # A causal graph needs two sites; asking for one site is not asking for a graph.
+        include = ("statistics", "sae_features")
+        if not args.quiet:
+            print("one site given: no causal graph (it needs two sites)", file=sys.stderr)
     result = analyze_activations(
         path,
         sites=args.sites or None,
@@ -410,14 +460,23 @@ def _add_capture_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--prompts-file", help="a UTF-8 file with one prompt per line")
     p.add_argument(
-        "--max-new-tokens", type=int, default=32, help="tokens generated per prompt (default 32)"
+        "--max-new-tokens",
+        type=_positive_int,
+        default=32,
+        help="tokens generated per prompt (default 32)",
     )
     p.add_argument(
-        "--batch-size", type=int, default=8, help="prompts per generate() call (default 8)"
+        "--batch-size",
+        type=_positive_int,
+        default=8,
+        help="prompts per generate() call (default 8)",
     )
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument(
-        "--temperature", type=float, default=1.0, help="sampling temperature (with --sample)"
+        "--temperature",
+        type=_positive_float,
+        default=1.0,
+        help="sampling temperature (with --sample)",
     )
     p.add_argument("--seed", type=int, default=0, help="torch seed (default 0)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -457,7 +516,9 @@ def _add_capture_options(p: argparse.ArgumentParser) -> None:
         help="capture rate the pipeline is sized for, GB/s",
     )
     p.add_argument(
-        "--chunk-rows", type=int, help="rows per storage chunk (default: automatic, recorded)"
+        "--chunk-rows",
+        type=_positive_int,
+        help="rows per storage chunk (default: automatic, recorded)",
     )
     p.add_argument(
         "--storage-dtype",
@@ -480,12 +541,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="capture + analyse + report on the embedded demo model")
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     p.add_argument(
-        "--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default 64)"
+        "--max-new-tokens",
+        type=_positive_int,
+        default=64,
+        help="tokens generated per prompt (default 64)",
     )
     p.add_argument(
-        "--prompts", type=int, default=64, help="prompts taken from Python's docs (default 64)"
+        "--prompts",
+        type=_positive_int,
+        default=64,
+        help="prompts taken from Python's docs (default 64)",
     )
-    p.add_argument("--sae-steps", type=int, default=300, help="SAE training steps (default 300)")
+    p.add_argument(
+        "--sae-steps", type=_positive_int, default=300, help="SAE training steps (default 300)"
+    )
     p.add_argument(
         "--max-memory-gb", type=float, default=1.0, help="capture memory budget, GB (default 1)"
     )
@@ -523,9 +592,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["statistics", "sae_features", "causal_graph"],
         help="parts to run (default all)",
     )
-    p.add_argument("--sae-n-features", type=int, help="SAE dictionary size")
-    p.add_argument("--sae-k", type=int, help="active SAE features per row")
-    p.add_argument("--sae-steps", type=int, help="SAE training steps")
+    p.add_argument("--sae-n-features", type=_positive_int, help="SAE dictionary size")
+    p.add_argument("--sae-k", type=_positive_int, help="active SAE features per row")
+    p.add_argument("--sae-steps", type=_positive_int, help="SAE training steps")
     p.add_argument("--sae-seed", type=int, help="SAE seed")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_analyze)
@@ -578,6 +647,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
         return code
     except LlminstrError as exc:
+        print(f"llminstr {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:  # a path that cannot be written or read, a full disk
+        if args.verbose:
+            logging.getLogger(__name__).exception("llminstr %s failed", args.command)
         print(f"llminstr {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

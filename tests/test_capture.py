@@ -176,7 +176,6 @@ def test_token_columns_and_sequences_across_calls(tmp_path) -> None:
     assert tok["step"][20:].tolist() == [3] * 4
 
 
-
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox", "opt"])
 def test_generate_without_attention_mask_continues_its_sequences(arch: str, tmp_path) -> None:
     """Without a mask, the tokens already in the cache come from the cache object, whatever
@@ -194,9 +193,11 @@ def test_generate_without_attention_mask_continues_its_sequences(arch: str, tmp_
     assert tok["sequence"].tolist() == [0] * 5 + [1] * 5 + [0, 1] * 2
     assert tok["position"].tolist() == [0, 1, 2, 3, 4] * 2 + [5, 5, 6, 6]
     assert tok["step"].tolist() == [0] * 10 + [1, 1, 2, 2]
-    assert tok["token_id"].tolist() == prompts.reshape(-1).tolist() + out[:, 5:7].T.reshape(
-        -1
-    ).tolist()
+    assert (
+        tok["token_id"].tolist()
+        == prompts.reshape(-1).tolist() + out[:, 5:7].T.reshape(-1).tolist()
+    )
+
 
 def test_outputs_identical_and_hooks_removed(tmp_path) -> None:
     model = _tiny("llama")

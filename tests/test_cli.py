@@ -83,6 +83,63 @@ def test_bad_input_exit_code_and_message(
     assert exc.value.code == 2
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-new-tokens", "0"], "--max-new-tokens: must be at least 1; got 0"),
+        (["--batch-size", "-1"], "--batch-size: must be at least 1; got -1"),
+        (["--sample", "--temperature", "0"], "--temperature: must be a finite number above 0"),
+        (["--chunk-rows", "x"], "--chunk-rows: expected a whole number; got 'x'"),
+    ],
+)
+def test_capture_refuses_bad_numbers_as_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["capture", str(tmp_path / "c.zarr"), "-q", *flags])
+    assert exc.value.code == EXIT_ERROR
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_capture_user_errors_are_messages_not_tracebacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each fails before the model runs, with exit code 2 and one line naming the problem."""
+    import torch
+
+    out = str(tmp_path / "c.zarr")
+    cases: list[tuple[list[str], str]] = [
+        (["--model", str(tmp_path)], f"could not load model {str(tmp_path)!r}"),
+        (["--device", "nonsense"], "--device 'nonsense' is not a torch device"),
+        (["--prompts-file", str(tmp_path)], "is not a file"),
+        (["--prompts-file", str(tmp_path / "none.txt")], "does not exist"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "CUDA is not available"))
+    for flags, message in cases:
+        assert main(["capture", out, "-q", "--max-new-tokens", "1", *flags]) == EXIT_ERROR
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (flags, err)
+        assert not Path(out).exists()
+    (tmp_path / "taken.zarr").mkdir()
+    assert main(["capture", str(tmp_path / "taken.zarr"), "-q"]) == EXIT_ERROR
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["capture", str(blocker / "c.zarr"), "-q", "--max-new-tokens", "1"]) == EXIT_ERROR
+    assert "llminstr capture: error:" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "llminstr", "--help"], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0 and "usage: llminstr" in proc.stdout
+
+
 def test_convert_round_trip(capture: Path, tmp_path: Path) -> None:
     h5 = tmp_path / "run.h5"
     assert main(["convert", str(capture), str(h5), "-q"]) == EXIT_OK
@@ -143,6 +200,21 @@ def test_analyze_and_report(capture: Path, tmp_path: Path) -> None:
         assert f"src='{png}'" in page
         assert (tmp_path / png).stat().st_size > 1000
     assert "Top-activating tokens per feature" in page
+
+
+def test_analyze_one_site_leaves_out_the_causal_graph(
+    capture: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "one"
+    args = ["analyze", str(capture), "--out", str(out), "--sites", "transformer.h.1.mlp"]
+    sae = ["--sae-steps", "5", "--sae-n-features", "16", "--sae-k", "2"]
+    assert main([*args, *sae]) == EXIT_OK
+    assert "no causal graph (it needs two sites)" in capsys.readouterr().err
+    doc = json.loads((out / "analysis.json").read_text())
+    assert doc["causal_graph"] is None and "transformer.h.1.mlp" in doc["statistics"]["sites"]
+    # asked for explicitly, the graph's own error stands
+    assert main([*args, "--include", "causal_graph", "-q"]) == EXIT_ERROR
+    assert "at least two sites" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium is not installed")
