@@ -19,6 +19,7 @@ import numpy as np
 
 from llminstr.errors import (
     CaptureNotFoundError,
+    ConfigError,
     CorruptChunkError,
     FormatError,
     NotACaptureError,
@@ -591,10 +592,25 @@ class Capture:
             arr = arr.view(ml_dtypes.bfloat16)
         return arr
 
+    def _row_range(self, start: Any, stop: Any) -> tuple[int, int]:
+        """``[start, stop)`` of committed rows under Python's slice rules; non-integer
+        bounds are refused."""
+        for bound in (start, stop):
+            if bound is not None and (
+                isinstance(bound, bool) or not isinstance(bound, (int, np.integer))
+            ):
+                raise ConfigError(f"row bounds must be integers or None; got {bound!r}")
+        lo, hi, _ = slice(
+            None if start is None else int(start), None if stop is None else int(stop)
+        ).indices(self.num_rows)
+        return lo, max(lo, hi)
+
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Eagerly read rows ``[start, stop)`` of a site (logical dtype) into numpy."""
+        """Eagerly read rows ``[start, stop)`` of a site (logical dtype) into numpy. The
+        bounds follow Python's slice rules over the committed rows (negative counts from the
+        end, out-of-range bounds are clipped)."""
         info = self.site_info(name)
-        stop = self.num_rows if stop is None else min(stop, self.num_rows)
+        start, stop = self._row_range(start, stop)
         out = self._source(f"{ACTIVATIONS_GROUP}/{name}", name).read_rows(start, stop)
         if info["logical_dtype"] == "bfloat16":
             import ml_dtypes
@@ -608,8 +624,9 @@ class Capture:
         return _Tokens(self)
 
     def token_table(self, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
-        """Eagerly read rows ``[start, stop)`` of every token column."""
-        stop = self.num_rows if stop is None else min(stop, self.num_rows)
+        """Eagerly read rows ``[start, stop)`` of every token column (slice rules, as
+        :meth:`read`)."""
+        start, stop = self._row_range(start, stop)
         return {
             c: self._source(f"{TOKENS_GROUP}/{c}", f"tokens/{c}").read_rows(start, stop)
             for c in self.token_columns

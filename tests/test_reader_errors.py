@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from llminstr.errors import (
     CaptureNotFoundError,
+    ConfigError,
     CorruptChunkError,
     FormatError,
     LlminstrError,
@@ -750,3 +751,31 @@ def test_zarr_chunk_file_growing_while_read(
     monkeypatch.setattr(reader.os, "fstat", small_fstat)
     with open_capture(capture) as cap, pytest.raises(CorruptChunkError, match="grew past its"):
         cap._source("activations/a", "a").read_chunk(1)
+
+
+# ---------------------------------------------------------------------- eager row ranges
+def test_read_and_token_table_follow_slice_rules(capture: Path) -> None:
+    """``read`` and ``token_table`` take ``[start, stop)`` as Python slices do."""
+    cap = open_capture(capture)
+    full_a = ramp(ROWS, 4)
+    full_ids = token_columns(ROWS)["token_id"]
+    for start, stop in [
+        (0, None),
+        (-3, None),
+        (0, -1),
+        (-3, -1),
+        (2, 7),
+        (7, 2),
+        (-99, 99),
+        (3, 3),
+    ]:
+        np.testing.assert_array_equal(cap.read("a", start, stop), full_a[start:stop])
+        np.testing.assert_array_equal(
+            cap.token_table(start, stop)["token_id"], full_ids[start:stop]
+        )
+    assert cap.read("b", -2).shape == (2, 2, 3)
+    for bad in (2.5, "1", True):
+        with pytest.raises(ConfigError, match="row bounds must be integers"):
+            cap.read("a", bad, 4)  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match="row bounds must be integers"):
+            cap.token_table(0, bad)  # type: ignore[arg-type]
