@@ -315,3 +315,37 @@ def test_sparse_gradients_match_autograd() -> None:
     for name, p in params.items():
         assert p.grad is not None
         np.testing.assert_allclose(grads[name].numpy(), p.grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 300])
+def test_steps_on_data_smaller_than_the_buffer_read_it_once_per_epoch(
+    rows: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A capture smaller than the shuffle buffer is emitted epoch by epoch, each epoch a
+    permutation of every training row, instead of being read until the buffer fills."""
+    from llminstr.analysis import sae as sae_mod
+
+    path = tmp_path / "small.zarr"
+    x = np.random.default_rng(0).standard_normal((rows, 8)).astype(np.float32)
+    with CaptureWriter(path, [SiteInfo("s", (8,))], chunk_rows=64) as w:
+        w.append(token_columns(np.arange(rows)), {"s": x})
+    reads = [0]
+    real_read = sae_mod._Blocks.read
+
+    def counting_read(self: Any, i: int) -> Any:
+        reads[0] += 1
+        return real_read(self, i)
+
+    monkeypatch.setattr(sae_mod._Blocks, "read", counting_read)
+    seen: list[np.ndarray] = []
+    steps = 6
+    cfg = SAEConfig(n_features=8, k=2, steps=steps, batch_size=128, held_out_fraction=0.0)
+    res = train_sae(open_capture(path), cfg, site="s", on_batch=seen.append)
+    blocks = -(-rows // 64)
+    batches_per_epoch = -(-rows // 128)
+    epochs = -(-steps // batches_per_epoch)
+    # init sample + one read per block per epoch (the last epoch may be cut short)
+    assert reads[0] <= blocks * (epochs + 1) + blocks
+    assert res.metrics["steps"] == steps and len(seen) == steps
+    epoch_rows = np.concatenate(seen[:batches_per_epoch])
+    np.testing.assert_array_equal(np.sort(epoch_rows), np.arange(rows))

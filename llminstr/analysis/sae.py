@@ -485,7 +485,9 @@ def _training_batches(
 
     Each epoch visits the blocks in a fresh random order; rows go through a shuffle buffer
     of ``shuffle_buffer_rows``: once it is full it is permuted, all but half of it is
-    emitted as batches, and the other half stays to mix with the next blocks.
+    emitted as batches, and the other half stays to mix with the next blocks. When a whole
+    epoch fits in the buffer, each epoch is emitted on its own, permuted (the last batch
+    may be short), instead of reading the data again and again to fill the buffer.
     """
     cap = cfg.shuffle_buffer_rows
     bs = cfg.batch_size
@@ -494,6 +496,8 @@ def _training_batches(
     size = 0
     epoch = 0
     while True:
+        emitted = False
+        seen = 0
         for i in rng.permutation(len(blocks)):
             x, r = blocks.read(int(i))
             keep = ~held_out_mask(r, cfg.held_out_fraction, cfg.seed)
@@ -504,6 +508,7 @@ def _training_batches(
             buf_x.append(x)
             buf_r.append(r)
             size += len(r)
+            seen += len(r)
             if size >= cap:
                 X, R = np.concatenate(buf_x), np.concatenate(buf_r)
                 perm = rng.permutation(size)
@@ -511,9 +516,20 @@ def _training_batches(
                 emit = ((size - cap // 2) // bs) * bs
                 for j in range(0, emit, bs):
                     yield X[j : j + bs], R[j : j + bs]
+                emitted = emitted or emit > 0
                 buf_x, buf_r = [X[emit:]], [R[emit:]]
                 size -= emit
         epoch += 1
+        if seen == 0:
+            break  # every row is held out: nothing to train on, in any epoch
+        if not emitted and size:
+            # The whole epoch fit in the buffer: emit it now, permuted.
+            X, R = np.concatenate(buf_x), np.concatenate(buf_r)
+            perm = rng.permutation(size)
+            X, R = X[perm], R[perm]
+            for j in range(0, size, bs):
+                yield X[j : j + bs], R[j : j + bs]
+            buf_x, buf_r, size = [], [], 0
         if not cycle and epoch >= cfg.epochs:
             break
     if size:
