@@ -206,8 +206,22 @@ class CaptureSession:
     ) -> None:
         if self._plan is not None:
             return  # re-entrant call of the root (e.g. a wrapper calling itself): one pass
-        input_ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+        first = args[0] if args and torch.is_tensor(args[0]) else None
         embeds = kwargs.get("inputs_embeds")
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None and embeds is None and first is not None:
+            # A positional input: token ids when integral, embeddings (batch, seq, hidden)
+            # when floating point (a plain nn.Module called as model(x)).
+            if first.is_floating_point() or first.is_complex():
+                if first.dim() != 3:
+                    raise CaptureStateError(
+                        "cannot tell the tokens of this forward pass: its first argument is a "
+                        f"floating-point tensor of shape {tuple(first.shape)}; pass token ids, "
+                        "or embeddings of shape (batch, sequence, hidden)"
+                    )
+                embeds = first
+            else:
+                input_ids = first
         mask = kwargs.get("attention_mask")
         if input_ids is not None:
             batch, seq_len = int(input_ids.shape[0]), int(input_ids.shape[-1])

@@ -536,3 +536,47 @@ def test_first_pass_rows_count_against_the_budget(tmp_path) -> None:  # type: ig
         model(inputs_embeds=first)
     assert session.budget.used == 0
     assert session.writer is None
+
+
+class _EmbeddingBlocks(torch.nn.Module):
+    """A plain module called as ``model(x)`` with embeddings ``(batch, seq, hidden)``."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(
+            torch.nn.ModuleDict({"attn": torch.nn.Linear(d, d), "mlp": torch.nn.Linear(d, d)})
+            for _ in range(2)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.layers:
+            x = x + block["attn"](x)
+            x = x + block["mlp"](x)
+        return x
+
+
+def test_positional_embeddings_input_is_not_taken_for_token_ids(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = _EmbeddingBlocks().eval()
+    fw = InstrumentationFramework(
+        InstrumentationConfig(max_memory_gb=0.1, module_names=("layers.0.mlp", "layers.1.attn"))
+    )
+    fw.instrument_model(model)
+    x = torch.randn(2, 16, 16)  # sequence length equal to the width: no shape coincidence helps
+    with fw.capture_activations(tmp_path / "c.zarr"), torch.no_grad():
+        model(x)
+    cap = open_capture(tmp_path / "c.zarr")
+    tok = cap.token_table()
+    assert tok["token_id"].tolist() == [-1] * 32
+    assert tok["sequence"].tolist() == [0] * 16 + [1] * 16
+    assert tok["position"].tolist() == list(range(16)) * 2
+    with torch.no_grad():
+        h = x + model.layers[0]["attn"](x)
+        mlp0 = model.layers[0]["mlp"](h)
+    np.testing.assert_array_equal(cap.read("layers.0.mlp"), mlp0.reshape(32, 16).numpy())
+    with (
+        pytest.raises(CaptureStateError, match=r"floating-point tensor of shape \(2, 16\)"),
+        fw.capture_activations(tmp_path / "d.zarr"),
+        torch.no_grad(),
+    ):
+        model(torch.randn(2, 16))
