@@ -534,12 +534,13 @@ def _explicit_sites(
                 elif entry is not None and rel in entry.ffn:
                     kind, flat = "ffn", entry.flat_ffn
         if kind == "other":
-            for part in rel.split("."):
-                if _looks_like(part, "attention"):
-                    kind = "attention"
-                    break
-                if _looks_like(part, "ffn"):
-                    kind = "ffn"
+            # By name, the module itself only: a module inside an attention or FFN module
+            # (a QKV or up projection) is a part of it, not its output, and stays "other".
+            parts = rel.split(".")
+            for i, part in enumerate(parts):
+                named = next((k for k in ("attention", "ffn") if _looks_like(part, k)), None)
+                if named is not None:
+                    kind = named if i == len(parts) - 1 else "other"
                     break
         sites.append(SiteSpec(name, name, layer, kind, type(module).__name__, 0, flat))
     if layers is not None:

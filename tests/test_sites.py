@@ -397,12 +397,30 @@ def test_module_names_override() -> None:
         sites = find_sites(model, granularity, module_names=names)
         assert _summary(sites) == [
             ("model.embed_tokens", "other", None, "Embedding", False),
-            ("model.layers.0.self_attn.q_proj", "attention", 0, "Linear", False),
+            ("model.layers.0.self_attn.q_proj", "other", 0, "Linear", False),
             ("model.layers.0", "residual", 0, "LlamaDecoderLayer", False),
             ("model.layers.1.mlp", "ffn", 1, "LlamaMLP", False),
             ("model.layers.1.input_layernorm", "other", 1, "LlamaRMSNorm", False),
             ("lm_head", "other", None, "Linear", False),
         ]
+
+
+def test_module_names_inside_attention_or_ffn_are_other() -> None:
+    """Projections inside an attention or FFN module are parts of it, not its output."""
+    sites = find_sites(
+        _model("gpt2"),
+        G.ALL,
+        module_names=[
+            "transformer.h.1.attn.c_attn",
+            "transformer.h.1.attn",
+            "transformer.h.0.mlp.c_fc",
+        ],
+    )
+    assert [(s.name, s.kind, s.layer) for s in sites] == [
+        ("transformer.h.0.mlp.c_fc", "other", 0),
+        ("transformer.h.1.attn.c_attn", "other", 1),
+        ("transformer.h.1.attn", "attention", 1),
+    ]
 
 
 def test_module_names_use_the_registry_for_kinds() -> None:
