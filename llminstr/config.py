@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import numpy as np
 
 from llminstr.errors import ConfigError
 
@@ -14,6 +18,8 @@ COMPRESSION_ALGORITHMS: tuple[str | None, ...] = ("lz4", "zstd", None)
 STORAGE_DTYPES: tuple[str | None, ...] = (None, "float32", "float16", "bfloat16")
 BACKENDS: tuple[str | None, ...] = (None, "zarr", "hdf5")
 PADDING_POLICIES: tuple[str, ...] = ("skip", "keep")
+#: Bounds of ``max_memory_gb``: a kilobyte (smaller budgets round to nothing) to a petabyte.
+MIN_MEMORY_GB, MAX_MEMORY_GB = 1e-6, 1e6
 
 
 class HookGranularity(enum.Enum):
@@ -38,13 +44,27 @@ def _choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
         raise ConfigError(f"{name} must be one of {shown}; got {value!r}")
 
 
-def _positive_number(name: str, value: Any, *, allow_none: bool = False) -> None:
+def _positive_number(
+    name: str, value: Any, *, allow_none: bool = False, low: float = 0.0, high: float = math.inf
+) -> float | None:
+    """``value`` as a float, above 0 and within ``[low, high]`` (any real number type:
+    Python's or numpy's)."""
     if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise ConfigError(f"{name} must be a positive number; got {value!r}")
-    if value != value or value == float("inf"):
+    number = float(value)
+    if not number > 0:
+        raise ConfigError(f"{name} must be a positive number; got {value!r}")
+    if not math.isfinite(number):
         raise ConfigError(f"{name} must be a finite positive number; got {value!r}")
+    if not low <= number <= high:
+        raise ConfigError(f"{name} must be between {low:g} and {high:g}; got {value!r}")
+    return number
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 @dataclass(frozen=True)
@@ -122,17 +142,33 @@ class InstrumentationConfig:
                 f"got {self.granularity!r}"
             )
         _choice("compression_algorithm", self.compression_algorithm, COMPRESSION_ALGORITHMS)
-        _positive_number("target_throughput_gbps", self.target_throughput_gbps)
-        _positive_number("max_memory_gb", self.max_memory_gb)
+        object.__setattr__(
+            self,
+            "target_throughput_gbps",
+            _positive_number("target_throughput_gbps", self.target_throughput_gbps),
+        )
+        object.__setattr__(
+            self,
+            "max_memory_gb",
+            _positive_number(
+                "max_memory_gb", self.max_memory_gb, low=MIN_MEMORY_GB, high=MAX_MEMORY_GB
+            ),
+        )
         if self.layers is not None:
-            layers = tuple(self.layers)
-            if not layers or not all(
-                isinstance(i, int) and not isinstance(i, bool) for i in layers
-            ):
+            if _integer(self.layers):
+                raise ConfigError(
+                    "layers must be a sequence of layer indices, not one integer; "
+                    f"got {self.layers!r} (write ({self.layers!r},))"
+                )
+            try:
+                layers = tuple(self.layers)
+            except TypeError:
+                layers = ()
+            if not layers or not all(_integer(i) for i in layers):
                 raise ConfigError(
                     f"layers must be a non-empty sequence of integers or None; got {self.layers!r}"
                 )
-            object.__setattr__(self, "layers", layers)
+            object.__setattr__(self, "layers", tuple(int(i) for i in layers))
         if self.module_names is not None:
             if isinstance(self.module_names, str):
                 raise ConfigError(
@@ -164,12 +200,19 @@ class InstrumentationConfig:
             raise ConfigError(
                 f"compression_level must be an integer in [1, 9] or None; got {self.compression_level!r}"
             )
+        if self.compression_level is not None and self.compression_algorithm is None:
+            raise ConfigError(
+                f"compression_level={self.compression_level!r} was given with "
+                "compression_algorithm=None: there is no codec to set the level of"
+            )
         _choice("storage_dtype", self.storage_dtype, STORAGE_DTYPES)
         _choice("padding", self.padding, PADDING_POLICIES)
         _choice("backend", self.backend, BACKENDS)
         if not isinstance(self.checksum, bool):
             raise ConfigError(f"checksum must be True or False; got {self.checksum!r}")
-        _positive_number("commit_interval_s", self.commit_interval_s)
+        object.__setattr__(
+            self, "commit_interval_s", _positive_number("commit_interval_s", self.commit_interval_s)
+        )
         if self.encoder_threads is not None and (
             isinstance(self.encoder_threads, bool)
             or not isinstance(self.encoder_threads, int)

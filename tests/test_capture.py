@@ -384,6 +384,25 @@ def test_config_validation_messages() -> None:
     with pytest.raises(ValueError):  # ConfigError is also a ValueError
         InstrumentationConfig(padding="drop")  # type: ignore[arg-type]
     assert InstrumentationConfig(granularity="ffn_only").granularity is HookGranularity.FFN_ONLY  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"layers must be a sequence of layer indices, not one"):
+        InstrumentationConfig(layers=0)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="layers must be a non-empty sequence of integers"):
+        InstrumentationConfig(layers=(0, 1.5))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"max_memory_gb must be between 1e-06 and 1e\+06"):
+        InstrumentationConfig(max_memory_gb=1e300)
+    with pytest.raises(ConfigError, match=r"max_memory_gb must be between 1e-06 and 1e\+06"):
+        InstrumentationConfig(max_memory_gb=1e-12)
+    with pytest.raises(ConfigError, match="compression_level=3 was given with compression_alg"):
+        InstrumentationConfig(compression_algorithm=None, compression_level=3)
+    # numpy numbers are numbers; they are stored as Python ones
+    cfg = InstrumentationConfig(
+        max_memory_gb=np.float32(0.5),  # type: ignore[arg-type]
+        target_throughput_gbps=np.int64(3),  # type: ignore[arg-type]
+        layers=np.array([0, -1]),  # type: ignore[arg-type]
+    )
+    assert (cfg.max_memory_gb, cfg.target_throughput_gbps, cfg.layers) == (0.5, 3.0, (0, -1))
+    assert type(cfg.max_memory_gb) is float and type(cfg.layers[0]) is int
+    json.dumps(cfg.to_dict())
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
