@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llminstr.analysis.causal import LOGITS_NODE, _sequences, causal_graph
-from llminstr.errors import ConfigError, SiteNotFoundError
+from llminstr.errors import ConfigError, LlminstrError, SiteNotFoundError
 from llminstr.format import SiteInfo
 from llminstr.reader import Capture, open_capture
 from llminstr.storage.writer import CaptureWriter
@@ -264,6 +264,41 @@ def test_errors(
     # a model without the captured modules
     with pytest.raises(SiteNotFoundError, match="no module"):
         causal_graph(gcap, model=torch.nn.Linear(2, 2))
+    # a model with the same module paths but another size: refused before anything runs
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    wider = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=48, n_head=2, vocab_size=64))
+    with pytest.raises(
+        ConfigError, match=r"is not the one this capture recorded \(GPT2LMHeadModel"
+    ):
+        causal_graph(gcap, model=wider)
     # observational on the model's capture when asked explicitly
     out = causal_graph(gcap, model=model, method="observational", rank=4).compute()
     assert out["method"] == "observational"
+
+
+def test_interventional_output_shape_mismatch_names_the_site(
+    gpt2_capture: tuple[Any, Capture, str], tmp_path: Path
+) -> None:
+    """A capture without a model entry, whose rows do not fit the model's outputs: the
+    ablation hook says which site and which shapes, instead of a torch broadcast error."""
+    from conftest import token_columns
+
+    from llminstr.format import SiteInfo
+    from llminstr.storage.writer import CaptureWriter
+
+    model, _, _ = gpt2_capture
+    path = tmp_path / "narrow.zarr"
+    sites = [
+        SiteInfo(p, (5,), kind="attention", layer=i, module_path=p, tuple_index=0)
+        for i, p in enumerate(["transformer.h.0.attn", "transformer.h.1.attn"])
+    ]
+    with CaptureWriter(path, sites, chunk_rows=8) as w:
+        tokens = token_columns(8)
+        tokens["sequence"] = np.zeros(8, np.int64)
+        tokens["position"] = np.arange(8, dtype=np.int64)
+        tokens["token_id"] = np.arange(8, dtype=np.int64) + 3
+        w.append(tokens, {s.name: np.ones((8, 5), np.float32) for s in sites})
+    graph = causal_graph(open_capture(path), model=model, n_sequences=1)
+    with pytest.raises(LlminstrError, match=r"site 'transformer.h.0.attn': the model's output"):
+        graph.compute()

@@ -397,6 +397,7 @@ def interventional_graph(
             raise SiteNotFoundError(
                 f"site {node['name']!r}: the model has no module {node['module_path']!r}"
             ) from None
+    _check_same_model(cap, model)
     for col in ("token_id", "sequence", "position"):
         if col not in cap.token_columns:
             raise LlminstrError(f"the capture lacks the token column {col!r}; cannot re-run it")
@@ -448,6 +449,27 @@ def interventional_graph(
         opts["logits"],
         details,
     )
+
+
+def _check_same_model(capture: Any, model: Any) -> None:
+    """Refuse a model that cannot be the one the capture recorded: another class or
+    another number of parameters (the capture's ``model`` entry; skipped when absent)."""
+    recorded = capture.metadata.get("model") or {}
+    if not isinstance(recorded, Mapping):
+        return
+    cls, params = recorded.get("class"), recorded.get("num_parameters")
+    have_cls = type(model).__name__
+    have_params = int(sum(p.numel() for p in model.parameters()))
+    if (isinstance(cls, str) and cls != have_cls) or (
+        isinstance(params, int) and not isinstance(params, bool) and params != have_params
+    ):
+        raise ConfigError(
+            f"the model given ({have_cls}, {have_params:,} parameters) is not the one this "
+            f"capture recorded ({cls}, {params:,} parameters): re-running its tokens through "
+            "another model measures nothing about the capture"
+            if isinstance(params, int)
+            else f"the model given ({have_cls}) is not the one this capture recorded ({cls})"
+        )
 
 
 def _sequences(
@@ -515,6 +537,13 @@ class _Recorder:
         def hook(module: Any, args: Any, output: Any) -> Any:
             tensor, wrap = _pick(output, tuple_index, self.nodes[index]["name"])
             if self.ablate == index:
+                shape = tuple(int(d) for d in self.nodes[index]["feature_shape"])
+                if tuple(tensor.shape[-len(shape) :]) != shape:
+                    raise LlminstrError(
+                        f"site {self.nodes[index]['name']!r}: the model's output has shape "
+                        f"{tuple(tensor.shape)}; the capture's rows are {shape}: is this the "
+                        "model the capture was recorded from?"
+                    )
                 mean = self.mean.to(device=tensor.device, dtype=tensor.dtype)
                 tensor = torch.broadcast_to(mean, tensor.shape).contiguous()
                 self.outputs[index] = tensor.detach()
