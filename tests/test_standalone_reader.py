@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -92,7 +93,7 @@ def test_reader_does_not_import_llminstr() -> None:
             imported.add((node.module or "").split(".")[0])
             assert node.level == 0, "relative imports would reach into a package"
     assert "llminstr" not in imported
-    assert imported <= {"__future__", "json", "os", "re", "typing", "numpy", "zarr", "h5py",
+    assert imported <= {"__future__", "json", "math", "os", "re", "typing", "numpy", "zarr", "h5py",
                         "hdf5plugin", "ml_dtypes"}  # fmt: skip
     assert "importlib" not in source and "__import__" not in source
 
@@ -232,6 +233,19 @@ DAMAGE = {
         lambda d: d["codecs"][0]["configuration"].update(endian="big"),
     ),
     "missing committed chunk": (f"{SITE}/c/1/0", None),
+    "dotted chunk keys": (
+        f"{SITE}/zarr.json",
+        lambda d: d.update(
+            chunk_key_encoding={"name": "default", "configuration": {"separator": "."}}
+        ),
+    ),
+    "v2 chunk keys": (f"{SITE}/zarr.json", lambda d: d.update(chunk_key_encoding={"name": "v2"})),
+    "feature shape whose product overflows int64": (
+        f"{SITE}/zarr.json",
+        lambda d: d["attributes"]["llminstr"].update(feature_shape=[2**32, 2**32]),
+    ),
+    "array document that is a FIFO": (f"{SITE}/zarr.json", "fifo"),
+    "array document linked to /dev/zero": (f"{SITE}/zarr.json", "devzero"),
 }
 
 
@@ -241,6 +255,12 @@ def _damaged_copy(tmp_path: Path, damage: str) -> Path:
     rel, edit = DAMAGE[damage]
     if edit is None:
         (path / rel).unlink()
+    elif edit == "fifo":
+        (path / rel).unlink()
+        os.mkfifo(path / rel)  # opening it for reading would block until a writer comes
+    elif edit == "devzero":
+        (path / rel).unlink()
+        (path / rel).symlink_to("/dev/zero")  # size 0 to stat, endless to read
     else:
         _edit_json(path / rel, edit)
     return path

@@ -11,6 +11,7 @@ It decodes chunks through zarr-python's or HDF5's own codec pipelines, never llm
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from typing import Any
@@ -74,7 +75,7 @@ def _check_array(doc: dict[str, Any], root: dict[str, Any], key: str, rows: int)
         raise CaptureFormatError(f"{key}: token column document does not match SPEC 3.4")
     if doc["chunk_rows"] != root["chunk_rows"]:
         raise CaptureFormatError(f"{key}: chunk_rows differs from the root's")
-    values = int(np.prod(feature, dtype=np.int64)) if feature else 1
+    values = math.prod(feature)  # Python integers: a lying shape cannot overflow
     if values > MAX_ROW_VALUES:
         raise CaptureFormatError(f"{key}: {values} values per row exceeds the limit")
     if root["chunk_rows"] * values * np.dtype(doc["storage_dtype"]).itemsize > MAX_CHUNK_BYTES:
@@ -89,10 +90,10 @@ def _read_zarr(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.
 
     def load(rel: str) -> dict[str, Any]:
         file = os.path.join(path, rel, "zarr.json")
-        if os.path.getsize(file) > MAX_DOC_BYTES:
-            raise CaptureFormatError(f"{file} exceeds 16 MiB")
+        if not os.path.isfile(file):  # not a FIFO, a device or a directory
+            raise CaptureFormatError(f"{file} is missing or not a regular file")
         with open(file, "rb") as fh:
-            return _parse(fh.read(), file)
+            return _parse(fh.read(MAX_DOC_BYTES + 1), file)
 
     root = load("")["attributes"]["llminstr"]  # the root is read before any array (SPEC 7.2)
     _check_root(root, path)
@@ -110,10 +111,14 @@ def _read_zarr(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.
             or meta["shape"][1:] != list(chunks[1:])
             or codecs != expected
             or meta["codecs"][0].get("configuration", {}).get("endian", "little") != "little"
+            or meta.get("chunk_key_encoding", {}).get("name") != "default"  # SPEC 5.3
+            or meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/") != "/"
         ):
             raise CaptureFormatError(f"{key}: Zarr metadata disagrees with its document (SPEC 5.2)")
-        for k in range(-(-n // chunks[0])):  # zarr fills missing chunks; SPEC 5.3 forbids that
-            if not os.path.isfile(os.path.join(path, key, "c", str(k), *["0"] * (len(chunks) - 1))):
+        count = -(-n // chunks[0])  # zarr fills missing chunks; SPEC 5.3 forbids that
+        for k in [count - 1, *range(count - 1)] if count else []:  # the last first: a lying
+            leaf = os.path.join(path, key, "c", str(k), *["0"] * (len(chunks) - 1))  # count
+            if not os.path.isfile(leaf):  # fails at once
                 raise CaptureFormatError(f"{key}: committed chunk {k} is missing")
         docs[key] = doc
         data[key] = np.asarray(zarr.open_array(os.path.join(path, key), mode="r")[:n])
@@ -124,6 +129,12 @@ def _read_hdf5(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.
     import h5py
     import hdf5plugin  # noqa: F401  (registers the Blosc filter, id 32001)
 
+    with open(path, "rb") as fh:  # SPEC 8: HDF5 skips this check for SWMR readers
+        head, size = fh.read(64), os.fstat(fh.fileno()).st_size
+    if head[8] in (2, 3) and head[9] in (4, 8):  # superblock v2/3: end-of-file address
+        at, width = 12 + 2 * head[9], head[9]
+        if size < int.from_bytes(head[at : at + width], "little"):
+            raise CaptureFormatError(f"{path}: truncated HDF5 file")
     with h5py.File(path, "r", swmr=True) as f:  # SWMR: crashed files open too (SPEC 6.4)
         root = _parse(f.attrs["llminstr"], path)
         _check_root(root, path)
@@ -168,6 +179,8 @@ def read_capture(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = os.fspath(path)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "zarr.json")):
         root, docs, data = _read_zarr(path)
+    elif not os.path.isfile(path):
+        raise CaptureFormatError(f"{path} is neither a Zarr v3 directory nor a regular file")
     else:
         with open(path, "rb") as fh:
             if fh.read(8) != HDF5_SIGNATURE:
