@@ -10,6 +10,7 @@ them against the JSON Schemas shipped with the package (identical copies of
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -54,6 +55,7 @@ MAX_FEATURE_NDIM = 8
 MAX_CHUNK_ROWS = 1 << 24
 MAX_CHUNK_BYTES = 1 << 31  # 2 GiB: Blosc1 frames cannot be larger
 MAX_DOCUMENT_BYTES = 16 << 20  # metadata documents larger than this are refused
+MAX_ROWS = (1 << 53) - 1  # committed rows and array lengths: JSON's exact integers
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}$")
 
@@ -138,9 +140,9 @@ class SiteInfo:
                 f"site {self.name!r}: feature_shape must be a tuple of 1 to {MAX_FEATURE_NDIM} "
                 f"positive integers; got {self.feature_shape!r}"
             )
-        if int(np.prod(shape)) > MAX_FEATURE_ELEMENTS:
+        if math.prod(shape) > MAX_FEATURE_ELEMENTS:
             raise ConfigError(
-                f"site {self.name!r}: a row of {int(np.prod(shape))} values exceeds the format "
+                f"site {self.name!r}: a row of {math.prod(shape)} values exceeds the format "
                 f"limit of {MAX_FEATURE_ELEMENTS}"
             )
         object.__setattr__(self, "feature_shape", shape)
@@ -156,7 +158,7 @@ class SiteInfo:
 
     @property
     def row_bytes(self) -> int:
-        return int(np.prod(self.feature_shape)) * np.dtype(self.storage_dtype).itemsize
+        return math.prod(self.feature_shape) * np.dtype(self.storage_dtype).itemsize
 
 
 def json_safe(obj: Any) -> Any:
@@ -279,7 +281,7 @@ def check_version(doc: Any, where: str) -> None:
             f"'format': '{FORMAT_NAME}' entry"
         )
     version = doc.get("format_version")
-    match = re.match(r"^(\d+)\.(\d+)$", version) if isinstance(version, str) else None
+    match = re.fullmatch(r"(\d+)\.(\d+)", version) if isinstance(version, str) else None
     if match is None:
         raise FormatError(f"{where}: format_version must look like '1.0'; got {version!r}")
     if int(match.group(1)) != FORMAT_MAJOR:
@@ -289,17 +291,34 @@ def check_version(doc: Any, where: str) -> None:
         )
 
 
+def _check_names(names: list[Any], what: str) -> None:
+    # The schemas' name pattern ends in '$', which Python's re (used by jsonschema) lets
+    # match before a trailing newline; ECMA-262, the schemas' dialect, does not. Enforce
+    # the whole-string match here.
+    for name in names:
+        if not (isinstance(name, str) and _NAME_RE.fullmatch(name) and name not in {".", ".."}):
+            raise FormatError(f"{what}: {name!r} is not a valid name (section 2.5)")
+
+
 def validate_root(doc: Any, where: str = "capture") -> None:
     check_version(doc, where)
     _validate(doc, "root.schema.json", f"{where}: root metadata")
+    _check_names([*doc["sites"], *doc["token_columns"]], f"{where}: root metadata")
+    if doc["committed_rows"] > MAX_ROWS:
+        raise FormatError(
+            f"{where}: committed_rows {doc['committed_rows']} is above the format limit "
+            f"{MAX_ROWS} (section 9)"
+        )
 
 
 def validate_site(doc: Any, where: str = "site") -> None:
     _validate(doc, "site.schema.json", f"{where}: site metadata")
+    _check_names([doc["name"]], f"{where}: site metadata")
 
 
 def validate_token(doc: Any, where: str = "token column") -> None:
     _validate(doc, "token.schema.json", f"{where}: token column metadata")
+    _check_names([doc["column"]], f"{where}: token column metadata")
 
 
 def parse_document(raw: bytes | str, where: str) -> Any:
@@ -309,3 +328,5 @@ def parse_document(raw: bytes | str, where: str) -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise FormatError(f"{where}: metadata is not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise FormatError(f"{where}: metadata is nested too deeply to parse") from None

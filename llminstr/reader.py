@@ -9,8 +9,11 @@ subclasses that name the site and chunk.
 from __future__ import annotations
 
 import json
+import math
 import os
+import stat
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -32,6 +35,7 @@ from llminstr.format import (
     MAX_CHUNK_BYTES,
     MAX_DOCUMENT_BYTES,
     MAX_FEATURE_ELEMENTS,
+    MAX_ROWS,
     STATUS_CODES,
     STORAGE_DTYPE,
     TOKENS_GROUP,
@@ -55,11 +59,78 @@ def detect_backend(path: Path) -> str:
         raise NotACaptureError(
             f"{str(path)!r} is a directory without zarr.json: not a Zarr v3 capture"
         )
-    with open(path, "rb") as fh:
+    with _open_regular(path, f"{str(path)!r}", NotACaptureError) as fh:
         head = fh.read(8)
     if head == HDF5_SIGNATURE:
         return "hdf5"
     raise NotACaptureError(f"{str(path)!r} is neither a Zarr v3 directory nor an HDF5 file")
+
+
+def _open_regular(path: str | os.PathLike[str], what: str, error: type[Exception]) -> Any:
+    """Open ``path`` for reading only if it is a regular file (after symlinks): a FIFO
+    would block the open and a device (``/dev/zero``) has no end. Raises ``error`` with a
+    message naming ``what`` otherwise; ``FileNotFoundError`` passes through."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise error(f"{what} is not a regular file")
+        os.set_blocking(fd, True)
+        return open(fd, "rb", buffering=0, closefd=True)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _hdf5_end_of_file(path: str) -> tuple[int, int] | None:
+    """``(file size, end-of-file address)`` from an HDF5 superblock at offset 0, or None
+    when the superblock is not one this function knows (versions 0 to 3)."""
+    with _open_regular(path, repr(path), NotACaptureError) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        head = fh.read(96)
+    if len(head) < 12 or head[:8] != HDF5_SIGNATURE:
+        return None
+    version = head[8]
+    if version in (0, 1):
+        offsets = head[13]
+        # signature 8, versions and sizes 8, K values 4, flags 4, (v1: K 2 + reserved 2),
+        # then base, free-space, end-of-file and driver addresses
+        at = 24 + (4 if version == 1 else 0) + 2 * offsets
+    elif version in (2, 3):
+        offsets = head[9]
+        at = 12 + 2 * offsets  # then base, extension, end-of-file, root addresses
+    else:
+        return None
+    if offsets not in (2, 4, 8) or len(head) < at + offsets:
+        return None
+    return size, int.from_bytes(head[at : at + offsets], "little")
+
+
+#: How long a reader waits for an HDF5 file shorter than its superblock says to grow (a
+#: live SWMR writer) before calling it truncated. HDF5 skips this check for SWMR readers
+#: and then retries its reads past the end without end.
+HDF5_GROW_WAIT_S = 2.0
+
+
+def _check_hdf5_length(path: str) -> None:
+    deadline = time.monotonic() + HDF5_GROW_WAIT_S
+    while True:
+        found = _hdf5_end_of_file(path)
+        if found is None or found[0] >= found[1]:
+            return
+        if time.monotonic() >= deadline:
+            raise NotACaptureError(
+                f"{path!r} is a truncated HDF5 file: it holds {found[0]} bytes and its "
+                f"superblock says {found[1]}"
+            )
+        time.sleep(0.05)
+
+
+def _feature_shape(key: str, doc: dict[str, Any]) -> tuple[int, ...]:
+    """An array's feature shape: the site's, or none for a token column (an unknown
+    ``feature_shape`` key in a token column's document is ignored, as section 10 says)."""
+    if key.startswith(f"{TOKENS_GROUP}/"):
+        return ()
+    return tuple(int(d) for d in doc["feature_shape"])
 
 
 # ---------------------------------------------------------------------- chunk sources
@@ -76,7 +147,7 @@ class _Source:
         self.site = site
         self.rows = rows
         self.chunk_rows = int(doc["chunk_rows"])
-        self.feature_shape = tuple(int(d) for d in doc.get("feature_shape", ()))
+        self.feature_shape = _feature_shape(key, doc)
         self.dtype = np.dtype(doc["storage_dtype"]).newbyteorder("<")
         codec = doc["codec"]
         self.cname = codec["cname"] if codec else None
@@ -112,7 +183,7 @@ class _Source:
                 f"got {out.dtype} {out.shape}"
             )
         cname = self.cname
-        limit = int(np.prod(chunk_shape)) * self.dtype.itemsize + 64
+        limit = math.prod(chunk_shape) * self.dtype.itemsize + 64
         frame: bytes | memoryview | None
         try:
             if self.backend == "zarr":
@@ -131,6 +202,12 @@ class _Source:
             raise CorruptChunkError(
                 self.site, index, "the chunk is missing from the store"
             ) from None
+        except _NotAFile:
+            raise CorruptChunkError(self.site, index, "the chunk is not a regular file") from None
+        except CorruptChunkError:
+            raise
+        except OSError as exc:  # a directory where the chunk should be, and the like
+            raise CorruptChunkError(self.site, index, f"the chunk cannot be read ({exc})") from None
         except _FrameTooLarge as exc:
             detail = (
                 f"the chunk file grew past its {exc.size} bytes while it was read"
@@ -189,6 +266,10 @@ class _Source:
         return block[(slice(None), *key[1:])] if len(key) > 1 else block
 
 
+class _NotAFile(Exception):
+    pass
+
+
 class _FrameTooLarge(Exception):
     def __init__(self, size: int, grew: bool = False) -> None:
         super().__init__(size)
@@ -206,7 +287,7 @@ def _read_zarr_frame(path: str, key: str, index: int, feature_ndim: int, limit: 
     mapped and page-faulted anew every time, which cost about as much as decompressing
     it (measured on the development VM)."""
     parts = [path, key, "c", str(index), *("0" for _ in range(feature_ndim))]
-    with open(os.path.join(*parts), "rb", buffering=0) as fh:
+    with _open_regular(os.path.join(*parts), "chunk", _NotAFile) as fh:
         size = os.fstat(fh.fileno()).st_size
         if size > limit:
             raise _FrameTooLarge(size)
@@ -245,6 +326,7 @@ def _h5_file(path: str) -> Any:
         # The path now names another file (the capture was replaced): drop the stale handle.
         if f.id.valid:
             f.close()
+    _check_hdf5_length(path)
     f = h5py.File(path, "r", swmr=True, libver=("v110", "v110"))
     _H5_FILES[path] = (f, identity)
     return f
@@ -287,7 +369,7 @@ def _array_doc(key: str, doc: Any, where: str) -> dict[str, Any]:
             raise FormatError(
                 f"{where}: {key} stores {doc['storage_dtype']} for {doc['logical_dtype']}"
             )
-        values = int(np.prod(doc["feature_shape"], dtype=np.int64))
+        values = math.prod(int(d) for d in doc["feature_shape"])  # Python ints: no overflow
         raw_chunk = values * doc["chunk_rows"] * np.dtype(doc["storage_dtype"]).itemsize
         if values > MAX_FEATURE_ELEMENTS or raw_chunk > MAX_CHUNK_BYTES:
             raise FormatError(
@@ -309,6 +391,53 @@ def _array_doc(key: str, doc: Any, where: str) -> dict[str, Any]:
     return doc
 
 
+# ---------------------------------------------------------------------- HDF5 structure
+#: HDF5's registered id of the Blosc filter (section 6.2).
+BLOSC_FILTER_ID = 32001
+
+
+def _h5_text(raw: Any, where: str) -> str | bytes:
+    """An HDF5 attribute that must hold a JSON document (a string)."""
+    if isinstance(raw, (str, bytes)):
+        return raw
+    if isinstance(raw, np.ndarray) and raw.shape == () and isinstance(raw.item(), (str, bytes)):
+        return raw.item()  # type: ignore[no-any-return]
+    raise FormatError(
+        f"{where}: the '{ATTR_KEY}' attribute must be a string holding JSON; got "
+        f"{type(raw).__name__}"
+    )
+
+
+def _h5_dataset(f: Any, key: str, where: str) -> Any:
+    """``f[key]`` as a dataset, with the ways HDF5 can fail to give one (missing, a
+    group, a dangling or cyclic link) reported as :class:`FormatError`."""
+    import h5py
+
+    try:
+        link = f.get(key, getlink=True)
+        obj = f[key] if link is not None else None
+    except (KeyError, RuntimeError, OSError, ValueError) as exc:
+        raise FormatError(f"{where}: dataset {key} cannot be opened ({exc})") from None
+    if obj is None:
+        raise FormatError(f"{where}: dataset {key} is missing")
+    if not isinstance(obj, h5py.Dataset):
+        raise FormatError(f"{where}: {key} is not an HDF5 dataset")
+    return obj
+
+
+def _check_h5_filters(ds: Any, key: str, doc: dict[str, Any], where: str) -> None:
+    """Section 6.2: the filter pipeline is the Blosc filter alone, or empty for raw chunks.
+    Any other filter (HDF5's shuffle, deflate, Fletcher32...) would change the stored
+    bytes under this reader, which reads chunks directly."""
+    plist = ds.id.get_create_plist()
+    found = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+    expected = [BLOSC_FILTER_ID] if doc.get("codec") else []
+    if found != expected:
+        raise FormatError(
+            f"{where}: dataset {key} has HDF5 filters {found}; its metadata implies {expected}"
+        )
+
+
 # ---------------------------------------------------------------------- capture
 class Capture:
     """A read-only view of a capture. Obtain one with :func:`open_capture`.
@@ -322,7 +451,11 @@ class Capture:
         self.backend = detect_backend(self.path)
         self._array_docs: dict[str, dict[str, Any]] = {}
         self._array_lengths: dict[str, int] = {}
-        self.refresh()
+        try:
+            self.refresh()
+        except BaseException:
+            self.close()  # no HDF5 handle stays open on a file that was refused
+            raise
 
     # -- metadata loading
     def refresh(self) -> None:
@@ -336,6 +469,7 @@ class Capture:
             root_doc = load(where)
             validate_root(root_doc, where)
             self._check_layout(root_doc)
+            self._check_last_chunks(root_doc)
         except BaseException:
             self._array_docs, self._array_lengths = docs, lengths
             raise
@@ -369,7 +503,7 @@ class Capture:
                 not isinstance(shape, list)
                 or not shape
                 or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
-                or shape[0] < 0
+                or not 0 <= shape[0] <= MAX_ROWS
             ):
                 raise FormatError(f"{where}: {key} has an invalid shape {shape!r}")
             self._array_docs[key] = doc
@@ -380,16 +514,21 @@ class Capture:
     @staticmethod
     def _zarr_json(path: Path, where: str) -> Any:
         try:
-            size = path.stat().st_size
+            with _open_regular(path, f"{where}: {path.name}", FormatError) as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size > MAX_DOCUMENT_BYTES:
+                    raise FormatError(f"{where}: {path} is {size} bytes, above the metadata limit")
+                raw = fh.read(MAX_DOCUMENT_BYTES + 1)  # bounded even if the file grows
         except FileNotFoundError:
             raise FormatError(f"{where}: {path.name} is missing") from None
-        if size > MAX_DOCUMENT_BYTES:
-            raise FormatError(f"{where}: {path} is {size} bytes, above the metadata limit")
-        return parse_document(path.read_bytes(), where)
+        except OSError as exc:  # a directory on the path, permissions
+            raise FormatError(f"{where}: {path.name} cannot be read ({exc})") from None
+        return parse_document(raw, where)
 
     def _check_zarr_array(self, key: str, meta: dict[str, Any], doc: Any, where: str) -> None:
         chunk_shape = _dig(meta, "chunk_grid", "configuration", "chunk_shape")
-        expected_chunks = [doc.get("chunk_rows"), *doc.get("feature_shape", [])]
+        features = list(_feature_shape(key, doc))
+        expected_chunks = [doc.get("chunk_rows"), *features]
         if _dig(meta, "chunk_grid", "name") != "regular" or chunk_shape != expected_chunks:
             raise FormatError(
                 f"{where}: array {key} has chunk shape {chunk_shape}; its metadata says {expected_chunks}"
@@ -399,10 +538,10 @@ class Capture:
                 f"{where}: array {key} has data type {meta.get('data_type')!r}; its metadata says "
                 f"{doc.get('storage_dtype')!r}"
             )
-        if list(meta.get("shape", [])[1:]) != list(doc.get("feature_shape", [])):
+        if list(meta.get("shape", [])[1:]) != features:
             raise FormatError(
                 f"{where}: array {key} has shape {meta.get('shape')}; its feature shape should be "
-                f"{doc.get('feature_shape')}"
+                f"{features}"
             )
         # This reader reads chunks at the keys of the default '/' encoding, little endian.
         if _dig(meta, "chunk_key_encoding", "name") != "default" or _dig(
@@ -431,7 +570,6 @@ class Capture:
             )
 
     def _hdf5_root(self, where: str) -> dict[str, Any]:
-        import h5py
 
         with _H5_LOCK:
             try:
@@ -443,11 +581,9 @@ class Capture:
                 raise NotACaptureError(
                     f"{where} is an HDF5 file without the '{ATTR_KEY}' root attribute"
                 )
-            root = parse_document(raw if isinstance(raw, (str, bytes)) else str(raw), where)
+            root = parse_document(_h5_text(raw, where), where)
             validate_root(root, where)  # before any of its fields is used
-            if COMMIT_DATASET not in f:
-                raise FormatError(f"{where}: the {COMMIT_DATASET} dataset is missing")
-            rec_ds = f[COMMIT_DATASET]
+            rec_ds = _h5_dataset(f, COMMIT_DATASET, where)
             rec_ds.id.refresh()
             if rec_ds.shape != (4,):
                 raise FormatError(
@@ -469,21 +605,24 @@ class Capture:
             ]
             for group, name in names:
                 key = f"{group}/{name}"
-                if key not in f:
-                    raise FormatError(f"{where}: dataset {key} is missing")
-                ds = f[key]
+                ds = _h5_dataset(f, key, where)
                 ds.id.refresh()
-                if not isinstance(ds, h5py.Dataset):
-                    raise FormatError(f"{where}: {key} is not an HDF5 dataset")
                 doc = _array_doc(
-                    key, parse_document(ds.attrs.get(ATTR_KEY, "null"), f"{where}: {key}"), where
+                    key,
+                    parse_document(
+                        _h5_text(ds.attrs.get(ATTR_KEY, "null"), f"{where}: {key}"),
+                        f"{where}: {key}",
+                    ),
+                    where,
                 )
-                if list(ds.chunks or []) != [doc.get("chunk_rows"), *doc.get("feature_shape", [])]:
+                features = list(_feature_shape(key, doc))
+                if list(ds.chunks or []) != [doc.get("chunk_rows"), *features]:
                     raise FormatError(
                         f"{where}: dataset {key} has chunks {ds.chunks}; its metadata says "
-                        f"{[doc.get('chunk_rows'), *doc.get('feature_shape', [])]}"
+                        f"{[doc.get('chunk_rows'), *features]}"
                     )
-                if list(ds.shape[1:]) != list(doc.get("feature_shape", [])):
+                _check_h5_filters(ds, key, doc, where)
+                if list(ds.shape[1:]) != features:
                     raise FormatError(
                         f"{where}: dataset {key} has shape {ds.shape}, unlike its metadata"
                     )
@@ -522,6 +661,40 @@ class Capture:
                 raise FormatError(
                     f"{where}: {key} holds {self._array_lengths[key]} rows but {rows} are committed"
                 )
+
+    def _check_last_chunks(self, root: dict[str, Any]) -> None:
+        """Every array stores the chunk of its last committed row (section 5.3 / 6: every
+        chunk holding a committed row exists). Checked at open, one lookup per array, so a
+        row count that only the metadata claims is refused before anything is built per
+        chunk (a lazy array of 2**40 claimed rows would exhaust memory)."""
+        rows = int(root["committed_rows"])
+        if rows == 0:
+            return
+        where = str(self.path)
+        last = (rows - 1) // int(root["chunk_rows"])
+        if self.backend == "zarr":
+            for key, doc in self._array_docs.items():
+                parts = [key, "c", str(last), *("0" for _ in _feature_shape(key, doc))]
+                try:
+                    present = stat.S_ISREG(os.stat(self.path.joinpath(*parts)).st_mode)
+                except OSError:
+                    present = False
+                if not present:
+                    raise FormatError(
+                        f"{where}: {rows} rows are committed but {key} does not store chunk "
+                        f"{last}, which holds row {rows - 1}"
+                    )
+            return
+        with _H5_LOCK:
+            f = _h5_file(str(self.path))
+            for key, doc in self._array_docs.items():
+                offset = (last * int(root["chunk_rows"]), *(0 for _ in _feature_shape(key, doc)))
+                info = f[key].id.get_chunk_info_by_coord(offset)
+                if info.byte_offset is None:
+                    raise FormatError(
+                        f"{where}: {rows} rows are committed but {key} does not store chunk "
+                        f"{last}, which holds row {rows - 1}"
+                    )
 
     # -- public surface
     @property
@@ -648,14 +821,29 @@ class Capture:
 
     def to_xarray(self) -> Any:
         """An ``xarray.Dataset``: one variable per site over dims ``row`` and
-        ``<site>.feature``; token columns as coordinates on ``row``."""
+        ``<site>.feature``; token columns as coordinates on ``row``. Names stay unique when
+        sites and columns share them (both are legal): a token column named like a site
+        becomes the coordinate ``tokens/<column>``, and a dimension named like a variable
+        gets ``_`` appended."""
         import xarray as xr
 
-        coords = {c: ("row", arr) for c, arr in self.tokens.items()}
+        taken = set(self.sites)
+
+        def unique(name: str) -> str:
+            while name in taken:
+                name += "_"
+            taken.add(name)
+            return name
+
+        row = unique("row")
+        coords = {
+            unique(c if c not in self.sites else f"tokens/{c}"): (row, arr)
+            for c, arr in self.tokens.items()
+        }
         data_vars = {}
         for name in self.sites:
             info = self.site_info(name)
-            dims = ["row", *(f"{name}.{d}" for d in info["dimension_names"][1:])]
+            dims = [row, *(unique(f"{name}.{d}") for d in info["dimension_names"][1:])]
             data_vars[name] = (
                 dims,
                 self.activations(name),

@@ -3,9 +3,11 @@ with a clear message, never a bare TypeError / KeyError / crash."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -272,8 +274,18 @@ def test_zarr_oversized_chunk(tmp_path: Path) -> None:
 
 def test_zarr_deleted_chunk(tmp_path: Path) -> None:
     capture = make_capture(tmp_path / "c.zarr")
+    zarr_chunk(capture, "a", 1).unlink()
+    check_corrupt(capture, "a", 1, "missing from the store")
+
+
+def test_zarr_deleted_last_chunk_is_refused_at_open(tmp_path: Path) -> None:
+    """The chunk of the last committed row is looked up at open (one lookup per array)."""
+    capture = make_capture(tmp_path / "c.zarr")
     zarr_chunk(capture, "a", 2).unlink()
-    check_corrupt(capture, "a", 2, "missing from the store")
+    with pytest.raises(
+        FormatError, match="activations/a does not store chunk 2, which holds row 9"
+    ):
+        open_capture(capture)
 
 
 def test_corrupt_token_chunk(tmp_path: Path) -> None:
@@ -470,7 +482,7 @@ def test_hdf5_bad_commit_record(tmp_path: Path) -> None:
     capture = make_capture(tmp_path / "d.h5")
     with h5py.File(capture, "r+") as f:
         del f["llminstr_commit"]
-    with pytest.raises(FormatError, match="llminstr_commit dataset is missing"):
+    with pytest.raises(FormatError, match="dataset llminstr_commit is missing"):
         open_capture(capture)
 
 
@@ -779,3 +791,253 @@ def test_read_and_token_table_follow_slice_rules(capture: Path) -> None:
             cap.read("a", bad, 4)  # type: ignore[arg-type]
         with pytest.raises(ConfigError, match="row bounds must be integers"):
             cap.token_table(0, bad)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------- hostile files
+@contextlib.contextmanager
+def deadline(seconds: int) -> Iterator[None]:
+    """Fail instead of hanging (a FIFO or an HDF5 file that never grows)."""
+
+    def expired(*_: Any) -> None:
+        raise TimeoutError(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_hdf5_filter_the_metadata_does_not_name_is_refused(tmp_path: Path) -> None:
+    """HDF5's own shuffle on a raw dataset: read directly, the chunks would come back
+    still shuffled, so the reader checks the filter pipeline (section 6.2)."""
+    import h5py
+
+    capture = make_capture(tmp_path / "c.h5", compression=None)
+    with h5py.File(capture, "r+") as f:
+        old = f["tokens/step"]
+        data, attrs, chunks = old[...], dict(old.attrs), old.chunks
+        del f["tokens/step"]
+        new = f.create_dataset(
+            "tokens/step", data=data, chunks=chunks, maxshape=(None,), shuffle=True
+        )
+        new.attrs.update(attrs)
+    with pytest.raises(
+        FormatError, match=r"tokens/step has HDF5 filters \[2\]; its metadata implies \[\]"
+    ):
+        open_capture(capture)
+
+
+def test_special_files_are_refused_without_blocking(tmp_path: Path) -> None:
+    capture = make_capture(tmp_path / "c.zarr")
+    doc = capture / "activations" / "a" / "zarr.json"
+    doc.unlink()
+    os.mkfifo(doc)
+    with deadline(20), pytest.raises(FormatError, match=r"zarr\.json is not a regular file"):
+        open_capture(capture)
+    doc.unlink()
+    doc.symlink_to("/dev/zero")
+    with deadline(20), pytest.raises(FormatError, match=r"zarr\.json is not a regular file"):
+        open_capture(capture)
+
+    capture = make_capture(tmp_path / "d.zarr")
+    zarr_chunk(capture, "a", 1).unlink()
+    os.mkfifo(zarr_chunk(capture, "a", 1))
+    with deadline(20):
+        check_corrupt(capture, "a", 1, "not a regular file")
+    zarr_chunk(capture, "a", 1).unlink()
+    zarr_chunk(capture, "a", 1).mkdir()
+    check_corrupt(capture, "a", 1, "not a regular file")
+    zarr_chunk(capture, "a", 1).rmdir()
+    zarr_chunk(capture, "a", 1).parent.rmdir()
+    zarr_chunk(capture, "a", 1).parent.write_bytes(b"a file where a directory should be")
+    check_corrupt(capture, "a", 1, "cannot be read")
+    doc = capture / "activations" / "b" / "zarr.json"
+    doc.unlink()
+    doc.mkdir()
+    with pytest.raises(FormatError, match=r"zarr\.json is not a regular file"):
+        open_capture(capture)
+    fifo = tmp_path / "pipe.h5"
+    os.mkfifo(fifo)
+    with deadline(20), pytest.raises(NotACaptureError, match="is not a regular file"):
+        open_capture(fifo)
+
+
+def test_truncated_hdf5_is_refused_not_waited_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HDF5 skips its end-of-file check for SWMR readers and then retries reads past the
+    end without end; the reader compares the file with its superblock first."""
+    import llminstr.reader as reader_mod
+
+    monkeypatch.setattr(reader_mod, "HDF5_GROW_WAIT_S", 0.2)
+    capture = make_capture(tmp_path / "c.h5")
+    data = capture.read_bytes()
+    for keep in (2048, len(data) // 2):
+        cut = tmp_path / f"cut{keep}.h5"
+        cut.write_bytes(data[:keep])
+        with deadline(30), pytest.raises(NotACaptureError, match="truncated HDF5 file"):
+            open_capture(cut)
+
+
+def test_row_count_claimed_by_metadata_alone_is_refused(backend: str, tmp_path: Path) -> None:
+    """2**40 rows claimed in a file of a few kilobytes: refused at open, before a lazy
+    array with one task per claimed chunk is built."""
+    capture = make_capture(tmp_path / f"c{backend}")
+    huge = 1 << 40
+    if backend == ".zarr":
+        edit_root(capture, lambda d: d.update(committed_rows=huge))
+        for key in (
+            "activations/a",
+            "activations/b",
+            "tokens/token_id",
+            "tokens/sequence",
+            "tokens/position",
+            "tokens/step",
+        ):
+            edit_zarr_json(capture / key / "zarr.json", lambda d: d["shape"].__setitem__(0, huge))
+    else:
+        import h5py
+
+        with h5py.File(capture, "r+") as f:
+            for key in (
+                "activations/a",
+                "activations/b",
+                "tokens/token_id",
+                "tokens/sequence",
+                "tokens/position",
+                "tokens/step",
+            ):
+                f[key].resize(huge, axis=0)
+            f["llminstr_commit"][1] = huge
+    with pytest.raises(FormatError, match="does not store chunk 274877906943"):
+        open_capture(capture)
+    edit_root(capture, lambda d: d.update(committed_rows=1 << 70, commit_seq=1 << 40))
+    with pytest.raises(FormatError, match="above the format limit"):
+        open_capture(capture)
+
+
+@pytest.mark.parametrize("shape", [[2**32, 2**32], [2**64], [2**62, 4]])
+def test_feature_shape_whose_product_overflows_int64_is_refused(
+    capture: Path, shape: list[int]
+) -> None:
+    edit_array_doc(capture, "activations/a", lambda d: d.update(feature_shape=shape))
+    with pytest.raises(FormatError):
+        open_capture(capture)
+
+
+def test_deeply_nested_metadata_is_a_format_error(capture: Path) -> None:
+    deep = "[" * 200_000 + "]" * 200_000
+    if capture.is_dir():
+        doc = json.loads((capture / "zarr.json").read_text())
+        text = json.dumps(doc).replace(
+            '"attributes": {', '"deep": ' + deep + ', "attributes": {', 1
+        )
+        (capture / "zarr.json").write_text(text)
+    else:
+        import h5py
+
+        with h5py.File(capture, "r+") as f:
+            f.attrs["llminstr"] = f.attrs["llminstr"][:-1] + ', "deep": ' + deep + "}"
+    with pytest.raises(FormatError, match="nested too deeply"):
+        open_capture(capture)
+
+
+def test_hdf5_structure_damage_is_a_format_error(tmp_path: Path) -> None:
+    import h5py
+
+    def damaged(name: str, edit: Callable[[Any], None]) -> Path:
+        path = make_capture(tmp_path / f"{name}.h5")
+        with h5py.File(path, "r+") as f:
+            edit(f)
+        return path
+
+    cases: list[tuple[Path, str]] = [
+        (
+            damaged("intattr", lambda f: f["activations/a"].attrs.__setitem__("llminstr", 7)),
+            "must be a string holding JSON",
+        ),
+        (
+            damaged(
+                "group", lambda f: (f.__delitem__("activations/a"), f.create_group("activations/a"))
+            ),
+            "activations/a is not an HDF5 dataset",
+        ),
+        (
+            damaged(
+                "commitgroup",
+                lambda f: (f.__delitem__("llminstr_commit"), f.create_group("llminstr_commit")),
+            ),
+            "llminstr_commit is not an HDF5 dataset",
+        ),
+        (
+            damaged(
+                "dangling",
+                lambda f: (
+                    f.__delitem__("activations/a"),
+                    f.__setitem__("activations/a", h5py.SoftLink("/nowhere")),
+                ),
+            ),
+            "activations/a",
+        ),
+        (
+            damaged(
+                "cycle",
+                lambda f: (
+                    f.__delitem__("activations/a"),
+                    f.__setitem__("activations/a", h5py.SoftLink("/activations/a")),
+                ),
+            ),
+            "activations/a",
+        ),
+    ]
+    for path, message in cases:
+        with pytest.raises(FormatError, match=message):
+            open_capture(path)
+
+
+def test_token_column_feature_shape_key_is_ignored(capture: Path) -> None:
+    """An unknown key is ignored (section 10): a token column stays 1-D."""
+    edit_array_doc(capture, "tokens/step", lambda d: d.update(feature_shape=[3]))
+    with open_capture(capture) as cap:
+        np.testing.assert_array_equal(cap.token_table()["step"], token_columns(ROWS)["step"])
+        assert cap.tokens["step"].shape == (ROWS,)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d["sites"].__setitem__(0, "a\n"), r"'a\\n' is not a valid name"),
+        (lambda d: d.update(format_version="1.0\n"), "format_version must look like"),
+    ],
+)
+def test_trailing_newline_in_names_and_version_is_refused(
+    capture: Path, edit: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    edit_root(capture, edit)
+    with pytest.raises(FormatError, match=message):
+        open_capture(capture)
+
+
+def test_to_xarray_with_names_shared_by_sites_and_columns(tmp_path: Path) -> None:
+    """A site ``h`` beside a token column ``h``, and a site named ``row``: legal names that
+    would collide in one xarray Dataset."""
+    path = tmp_path / "c.zarr"
+    sites = [SiteInfo("h", (2,)), SiteInfo("row", (3,)), SiteInfo("h.feature", (1,))]
+    extra = {"h": np.arange(4, dtype=np.int64) * 7}
+    with CaptureWriter(path, sites, chunk_rows=2, extra_token_columns=["h"]) as w:
+        w.append(
+            {**token_columns(4), **extra},
+            {
+                "h": np.ones((4, 2), np.float32),
+                "row": np.zeros((4, 3), np.float32),
+                "h.feature": np.full((4, 1), 5, np.float32),
+            },
+        )
+    ds = open_capture(path).to_xarray()
+    assert set(ds.data_vars) == {"h", "row", "h.feature"}
+    np.testing.assert_array_equal(ds["tokens/h"].values, extra["h"])
+    assert ds["h"].dims == ("row_", "h.feature_") and ds["row"].dims == ("row_", "row.feature")
+    np.testing.assert_array_equal(ds["h.feature"].values, np.full((4, 1), 5, np.float32))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import threading
 import time
@@ -54,7 +55,7 @@ class ArrayDecl:
 
     @property
     def chunk_bytes(self) -> int:
-        return int(np.prod(self.chunk_shape)) * np.dtype(self.storage_dtype).itemsize
+        return math.prod(self.chunk_shape) * np.dtype(self.storage_dtype).itemsize
 
 
 def _dumps(doc: dict[str, Any]) -> bytes:

@@ -6,6 +6,7 @@ encoded as the Zarr v3 codec chain ``bytes(little) -> [blosc] -> [crc32c]`` woul
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -82,7 +83,7 @@ def decode_frame(
         if actual != expected:
             raise ValueError(f"CRC32C mismatch (stored {expected:#010x}, computed {actual:#010x})")
         view = body
-    expected_bytes = int(np.prod(chunk_shape)) * dtype.itemsize
+    expected_bytes = math.prod(int(d) for d in chunk_shape) * dtype.itemsize
     if cname is not None:
         if len(view) < BLOSC_OVERHEAD:
             raise ValueError(f"Blosc frame of {len(view)} bytes is shorter than its header")
