@@ -551,12 +551,27 @@ class Capture:
                 f"{where}: array {key} has chunk key encoding {meta.get('chunk_key_encoding')!r}; "
                 "the format uses the default encoding with separator '/'"
             )
+        if meta.get("zarr_format") != 3 or meta.get("storage_transformers") not in (None, []):
+            raise FormatError(
+                f"{where}: array {key} must be a Zarr v3 array without storage transformers"
+            )
         codecs = meta.get("codecs")
         names = (
             [c.get("name") if isinstance(c, dict) else None for c in codecs]
             if isinstance(codecs, list)
             else None
         )
+        codec = doc.get("codec")
+        if codec and names and len(names) > 1 and names[1] == "blosc":
+            blosc = _dig(meta["codecs"][1], "configuration") or {}
+            if (blosc.get("cname"), blosc.get("clevel"), blosc.get("shuffle")) != (
+                codec.get("cname"),
+                codec.get("clevel"),
+                codec.get("shuffle"),
+            ):
+                raise FormatError(
+                    f"{where}: array {key} has Blosc settings {blosc}; its metadata says {codec}"
+                )
         if names and _dig(meta["codecs"][0], "configuration", "endian") != "little":
             raise FormatError(f"{where}: array {key} must use the 'bytes' codec, little endian")
         expected = (

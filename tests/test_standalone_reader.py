@@ -244,6 +244,20 @@ DAMAGE = {
         f"{SITE}/zarr.json",
         lambda d: d["attributes"]["llminstr"].update(feature_shape=[2**32, 2**32]),
     ),
+    "committed_rows as a string": ("zarr.json", lambda d: _root(d).update(committed_rows="10")),
+    "unknown status": ("zarr.json", lambda d: _root(d).update(status="done")),
+    "format_version without a minor": ("zarr.json", lambda d: _root(d).update(format_version="1")),
+    "duplicate site": ("zarr.json", lambda d: _root(d)["sites"].append(_root(d)["sites"][0])),
+    "root without its site list": ("zarr.json", lambda d: _root(d).pop("sites")),
+    "zarr format 2 array": (f"{SITE}/zarr.json", lambda d: d.update(zarr_format=2)),
+    "storage transformer": (
+        f"{SITE}/zarr.json",
+        lambda d: d.update(storage_transformers=[{"name": "sharding"}]),
+    ),
+    "Blosc codec unlike the document": (
+        f"{SITE}/zarr.json",
+        lambda d: d["codecs"][1]["configuration"].update(cname="zstd"),
+    ),
     "array document that is a FIFO": (f"{SITE}/zarr.json", "fifo"),
     "array document linked to /dev/zero": (f"{SITE}/zarr.json", "devzero"),
 }

@@ -49,15 +49,24 @@ def _check_root(root: dict[str, Any], where: str) -> None:
         raise CaptureFormatError(
             f"{where} is not an llminstr capture (format={root.get('format')!r})"
         )
-    version = str(root.get("format_version", ""))
+    version = root.get("format_version")
+    if not isinstance(version, str) or not re.fullmatch(r"\d+\.\d+", version):
+        raise CaptureFormatError(f"{where}: format_version {version!r} is not MAJOR.MINOR")
     if version.split(".")[0] != str(MAJOR):
         raise CaptureFormatError(f"{where}: format version {version!r} unsupported; reads 1.x only")
+    counts = (root.get("committed_rows"), root.get("commit_seq"), root.get("chunk_rows"))
+    if not all(type(v) is int for v in counts) or root.get("status") not in STATUS_BY_CODE.values():
+        raise CaptureFormatError(
+            f"{where}: committed_rows, commit_seq, chunk_rows or status invalid"
+        )
     cols = list(root["token_columns"])
     if cols[:4] != ["token_id", "sequence", "position", "step"]:
         raise CaptureFormatError(f"{where}: token_columns must start with the four required ones")
     names = [*cols, *root["sites"]]  # checked before any name is used as a path
     if not all(isinstance(x, str) and NAME.fullmatch(x) for x in names):
         raise CaptureFormatError(f"{where}: invalid site or column name in {names}")
+    if len(set(cols)) != len(cols) or len(set(root["sites"])) != len(root["sites"]):
+        raise CaptureFormatError(f"{where}: duplicate site or column names")
     if not 1 <= int(root["chunk_rows"]) <= MAX_CHUNK_ROWS or int(root["committed_rows"]) < 0:
         raise CaptureFormatError(f"{where}: chunk_rows or committed_rows out of range")
 
@@ -111,6 +120,10 @@ def _read_zarr(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.
             or meta["shape"][1:] != list(chunks[1:])
             or codecs != expected
             or meta["codecs"][0].get("configuration", {}).get("endian", "little") != "little"
+            or (
+                doc["codec"]
+                and meta["codecs"][1]["configuration"]["cname"] != doc["codec"]["cname"]
+            )
             or meta.get("chunk_key_encoding", {}).get("name") != "default"  # SPEC 5.3
             or meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/") != "/"
         ):
@@ -175,8 +188,20 @@ def _keys(root: dict[str, Any]) -> list[str]:
 
 
 def read_capture(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read every committed row of a capture into numpy (activations in their logical dtype)."""
-    path = os.fspath(path)
+    """Read every committed row of a capture into numpy (activations in their logical dtype).
+    Raises CaptureFormatError for a file that is not a well-formed capture."""
+    try:
+        return _read_capture(os.fspath(path))
+    except CaptureFormatError:
+        raise
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError, RecursionError) as exc:
+        # a missing key, a value of the wrong type, bad JSON, a failed checksum...
+        raise CaptureFormatError(
+            f"{path}: malformed capture ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _read_capture(path: str) -> dict[str, Any]:
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "zarr.json")):
         root, docs, data = _read_zarr(path)
     elif not os.path.isfile(path):
