@@ -309,6 +309,9 @@ def _read_zarr_frame(path: str, key: str, index: int, feature_ndim: int, limit: 
 
 
 _H5_FILES: dict[str, tuple[Any, tuple[int, int]]] = {}  # path -> (file, (dev, inode))
+#: Handles that need no refresh: opened after the capture was finished (or refreshed once
+#: since), so nothing in the file can change under them.
+_H5_SETTLED: set[int] = set()
 _H5_LOCK = threading.RLock()
 
 
@@ -329,23 +332,32 @@ def _h5_file(path: str) -> Any:
     _check_hdf5_length(path)
     f = h5py.File(path, "r", swmr=True, libver=("v110", "v110"))
     _H5_FILES[path] = (f, identity)
+    _H5_SETTLED.discard(id(f))
     return f
 
 
 def _read_hdf5_frame(
     path: str, key: str, index: int, chunk_rows: int, feature_ndim: int
 ) -> tuple[int, bytes | None]:
+    # No H5Drefresh here: Capture.refresh() refreshes every dataset after reading the commit
+    # record, so the chunks of committed rows are visible to reads. Refreshing per read was
+    # a data race: H5Drefresh while another handle of the same dataset is still open (a
+    # previous read's, freed by Python after the lock) corrupts the shared chunk index, and
+    # reads returned chunk 0's bytes for other chunks (seen under load with two threads in
+    # CI; reproduced with h5py alone).
     with _H5_LOCK:
         f = _h5_file(path)
         ds = f[key]
-        ds.id.refresh()
-        offset = (index * chunk_rows, *(0 for _ in range(feature_ndim)))
-        if offset[0] >= ds.shape[0]:
-            return 0, None
         try:
-            mask, frame = ds.id.read_direct_chunk(offset)
-        except (KeyError, OSError, ValueError):
-            return 0, None
+            offset = (index * chunk_rows, *(0 for _ in range(feature_ndim)))
+            if offset[0] >= ds.shape[0]:
+                return 0, None
+            try:
+                mask, frame = ds.id.read_direct_chunk(offset)
+            except (KeyError, OSError, ValueError):
+                return 0, None
+        finally:
+            del ds  # closed under the lock: one open handle per dataset at a time
     return int(mask), bytes(frame)
 
 
@@ -587,6 +599,7 @@ class Capture:
     def _hdf5_root(self, where: str) -> dict[str, Any]:
 
         with _H5_LOCK:
+            known = _H5_FILES.get(str(self.path))
             try:
                 f = _h5_file(str(self.path))
             except (OSError, RuntimeError) as exc:  # h5py raises either for a damaged file
@@ -598,13 +611,24 @@ class Capture:
                 )
             root = parse_document(_h5_text(raw, where), where)
             validate_root(root, where)  # before any of its fields is used
+            # H5Drefresh shows a live writer's new commits. It is only safe while no other
+            # handle of the same dataset is open in the process: it corrupts HDF5's shared
+            # chunk index otherwise (reads then return other chunks' bytes; reproduced with
+            # h5py alone). llminstr's own handles are opened and closed under _H5_LOCK, and
+            # reads never refresh (see _read_hdf5_frame).
+            # A handle just opened, or one that already saw the final commit record, shows
+            # everything: refreshing it is needless, and risky beside foreign handles.
+            fresh = known is None or known[0] is not f
+            refresh = not fresh and id(f) not in _H5_SETTLED
             rec_ds = _h5_dataset(f, COMMIT_DATASET, where)
-            rec_ds.id.refresh()
+            if refresh:
+                rec_ds.id.refresh()
             if rec_ds.shape != (4,):
                 raise FormatError(
                     f"{where}: {COMMIT_DATASET} must have shape (4,); got {rec_ds.shape}"
                 )
             rec = rec_ds[...]
+            del rec_ds  # handles are closed under the lock (see _read_hdf5_frame)
             if not np.issubdtype(rec.dtype, np.integer):
                 raise FormatError(f"{where}: {COMMIT_DATASET} must hold integers; got {rec.dtype}")
             seq, rows, code = int(rec[0]), int(rec[1]), int(rec[2])
@@ -621,7 +645,8 @@ class Capture:
             for group, name in names:
                 key = f"{group}/{name}"
                 ds = _h5_dataset(f, key, where)
-                ds.id.refresh()
+                if refresh:
+                    ds.id.refresh()  # after the commit record: every committed chunk is visible
                 doc = _array_doc(
                     key,
                     parse_document(
@@ -647,6 +672,9 @@ class Capture:
                     )
                 self._array_docs[key] = doc
                 self._array_lengths[key] = int(ds.shape[0])
+                del ds
+            if root["status"] != "in_progress":
+                _H5_SETTLED.add(id(f))  # the writer is done: the file no longer changes
         return cast(dict[str, Any], root)
 
     def _check_layout(self, root: dict[str, Any]) -> None:

@@ -24,11 +24,14 @@ def stored_bytes(capture: Capture, key: str) -> int:
                 os.path.getsize(os.path.join(dirpath, f)) for f in files if not f.startswith(".")
             )
         return total
-    import h5py
-    import hdf5plugin  # noqa: F401
+    from llminstr.reader import _H5_LOCK, _h5_file
 
-    with h5py.File(capture.path, "r", swmr=True) as f:
-        return int(f[key].id.get_storage_size())
+    with _H5_LOCK:  # the reader's handle: no second handle beside its refreshes
+        ds = _h5_file(str(capture.path))[key]
+        try:
+            return int(ds.id.get_storage_size())
+        finally:
+            del ds
 
 
 def summary(path: str | os.PathLike[str]) -> dict[str, Any]:

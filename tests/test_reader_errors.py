@@ -1041,3 +1041,20 @@ def test_to_xarray_with_names_shared_by_sites_and_columns(tmp_path: Path) -> Non
     np.testing.assert_array_equal(ds["tokens/h"].values, extra["h"])
     assert ds["h"].dims == ("row_", "h.feature_") and ds["row"].dims == ("row_", "row.feature")
     np.testing.assert_array_equal(ds["h.feature"].values, np.full((4, 1), 5, np.float32))
+
+
+def test_hdf5_reads_stay_right_beside_another_handle_of_the_dataset(tmp_path: Path) -> None:
+    """H5Drefresh while another handle of the same dataset is open corrupts HDF5's shared
+    chunk index (other chunks then read as chunk 0). Reads used to refresh, and a previous
+    read's handle could still be open (freed after the lock): wrong data under load. Reads
+    no longer refresh, and a finished capture is never refreshed."""
+    from llminstr import reader as reader_mod
+
+    capture = make_capture(tmp_path / "c.h5", compression=None)
+    with open_capture(capture) as cap:
+        held = reader_mod._h5_file(str(capture))["activations/a"]  # a second open handle
+        for _ in range(3):
+            np.testing.assert_array_equal(cap.read("a"), ramp(ROWS, 4))
+            cap.refresh()
+            np.testing.assert_array_equal(cap.activations("a").compute(), ramp(ROWS, 4))
+        del held
