@@ -612,3 +612,65 @@ def test_encode_queue_is_bounded_per_encoder_thread(
     assert w.stats().stall_seconds > 0
     with open_capture(path) as cap:
         np.testing.assert_array_equal(cap.read("a"), x)
+
+
+# ---------------------------------------------------------------------- close arguments
+def test_close_and_abort_arguments_are_checked_before_anything_is_written(tmp_path: Path) -> None:
+    """A status or error the schema refuses would make the whole capture unreadable."""
+    path = tmp_path / "c.zarr"
+    w = CaptureWriter(path, [SiteInfo("s", (2,))], chunk_rows=4)
+    w.append(token_columns(5), {"s": rows(5, 2)})
+    with pytest.raises(ConfigError, match="status must be 'complete' or 'aborted'; got 'done'"):
+        w.close("done")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="error must be a message"):
+        w.close("aborted", {"why": 1})  # type: ignore[arg-type]
+    assert not w.closed
+    w.abort(RuntimeError("boom"))  # the exception itself is recorded as its message
+    cap = open_capture(path)
+    assert (cap.status, cap.num_rows, cap.metadata["error"]) == ("aborted", 5, "RuntimeError: boom")
+
+
+def test_bad_encoder_threads_leave_nothing_behind(tmp_path: Path) -> None:
+    path = tmp_path / "c.h5"
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError, match="encoder_threads must be an integer"):
+            CaptureWriter(path, [SiteInfo("s", (2,))], encoder_threads=bad)  # type: ignore[arg-type]
+        assert not path.exists() and not Path(str(path) + ".lock").exists()
+    CaptureWriter(path, [SiteInfo("s", (2,))]).close()  # the path is not locked
+
+
+def test_hdf5_raw_frames_reach_the_file_without_an_uncounted_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Raw (uncompressed) frames are views of budgeted chunk buffers: a copy per frame was
+    memory the budget did not see."""
+    kinds: list[type] = []
+    real = backends_mod.HDF5Backend._write_chunk
+
+    def spy(self: Any, array: Any, index: int, frame: Any, extent: int) -> None:
+        kinds.append(type(frame))
+        real(self, array, index, frame, extent)
+
+    monkeypatch.setattr(backends_mod.HDF5Backend, "_write_chunk", spy)
+    path = tmp_path / "c.h5"
+    with CaptureWriter(path, [SiteInfo("s", (3,))], chunk_rows=4, compression=None) as w:
+        w.append(token_columns(10), {"s": rows(10, 3)})
+    assert kinds and all(k is memoryview for k in kinds)
+    np.testing.assert_array_equal(open_capture(path).read("s"), rows(10, 3))
+
+
+def test_hdf5_final_rewrite_is_skipped_when_the_disk_is_nearly_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reopened without SWMR, the file is marked open-for-writing until closed; a close that
+    fails on a full disk would leave it unreadable. The commit record stands instead."""
+    monkeypatch.setattr(backends_mod, "_FINAL_FREE_BYTES", 1 << 62)
+    path = tmp_path / "c.h5"
+    with (
+        pytest.warns(RuntimeWarning, match="the final root metadata was not rewritten"),
+        CaptureWriter(path, [SiteInfo("s", (2,))], chunk_rows=4) as w,
+    ):
+        w.append(token_columns(6), {"s": rows(6, 2)})
+    cap = open_capture(path)
+    assert (cap.status, cap.num_rows) == ("complete", 6)
+    np.testing.assert_array_equal(cap.read("s"), rows(6, 2))

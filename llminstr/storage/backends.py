@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -326,11 +327,16 @@ class HDF5Backend(StoreBackend):
         self, array: ArrayDecl, index: int, parts: Sequence[bytes | memoryview], extent: int
     ) -> Future[None]:
         # The encoder hands the frame to the HDF5 thread and goes on compressing: waiting
-        # for each write kept the encoders idle most of the time (measured).
-        frame = b"".join(parts) if len(parts) > 1 else bytes(parts[0])
+        # for each write kept the encoders idle most of the time (measured). A one-part
+        # frame goes as it is, not copied: the caller keeps it (and, for raw chunks, the
+        # chunk buffer it views, which the budget counts) until the future is done. A copy
+        # of raw chunks was memory the budget never saw (2.3x the budget, an audit found).
+        frame = b"".join(parts) if len(parts) > 1 else parts[0]
         return self._thread.submit(self._write_chunk, array, index, frame, extent)
 
-    def _write_chunk(self, array: ArrayDecl, index: int, frame: bytes, extent: int) -> None:
+    def _write_chunk(
+        self, array: ArrayDecl, index: int, frame: bytes | memoryview, extent: int
+    ) -> None:
         ds = self._datasets[array.key]
         needed = (index + 1) * array.chunk_rows
         if self._extent[array.key] < needed:
@@ -387,10 +393,29 @@ class HDF5Backend(StoreBackend):
         # A reader that has the file open (e.g. one following the live capture) holds
         # HDF5's file lock: retry a while, then keep the commit record as the final word
         # (it already says the final status and row count; readers trust it).
+        # A file reopened without SWMR is marked open-for-writing until it is closed; if
+        # that close fails (a full disk), no SWMR reader can open the file any more. So
+        # the rewrite is skipped where the disk may not take it: the record stands.
+        document = json.dumps(root, allow_nan=False)
+        try:
+            free = shutil.disk_usage(self.path.parent).free
+        except OSError:
+            free = 0
+        if free < _FINAL_FREE_BYTES + 4 * len(document):
+            import warnings
+
+            warnings.warn(
+                f"{str(self.path)!r}: only {free} bytes free, so the final root metadata was "
+                f"not rewritten; the commit record carries the final status {root['status']!r} "
+                f"and {root['committed_rows']} rows",
+                RuntimeWarning,
+                stacklevel=1,
+            )
+            return
         for attempt in range(_FINAL_ATTEMPTS):
             try:
                 with h5py.File(self.path, "r+", libver=("v110", "v110")) as f:
-                    f.attrs[ATTR_KEY] = json.dumps(root, allow_nan=False)
+                    f.attrs[ATTR_KEY] = document
                 return
             except BlockingIOError as exc:
                 if attempt + 1 == _FINAL_ATTEMPTS:
@@ -424,6 +449,8 @@ class HDF5Backend(StoreBackend):
 
 
 _FINAL_ATTEMPTS = 20
+#: Free disk space below which the final non-SWMR rewrite is not attempted (see _final).
+_FINAL_FREE_BYTES = 64 << 20
 _FINAL_RETRY_S = 0.05
 
 

@@ -99,6 +99,14 @@ def auto_chunk_rows(row_bytes: Sequence[int], budget_bytes: int) -> int:
 
 def encoder_threads_for(target_gbps: float | None, requested: int | None) -> int:
     if requested is not None:
+        if (
+            isinstance(requested, bool)
+            or not isinstance(requested, int)
+            or not 1 <= requested <= 256
+        ):
+            raise ConfigError(
+                f"encoder_threads must be an integer in [1, 256] or None; got {requested!r}"
+            )
         return requested
     cores = os.cpu_count() or 1
     if target_gbps is None:
@@ -836,8 +844,17 @@ class CaptureWriter:
 
         Closing as ``complete`` requires every array to hold the same number of rows; if
         they differ, the aligned rows are kept, the capture is marked ``aborted`` and
-        :class:`FormatError` is raised.
+        :class:`FormatError` is raised. ``status`` and ``error`` are checked before
+        anything is written (a document the schema refuses would make the capture
+        unreadable).
         """
+        if status not in ("complete", "aborted"):
+            raise ConfigError(f"status must be 'complete' or 'aborted'; got {status!r}")
+        if error is not None and not isinstance(error, str):
+            raise ConfigError(
+                f"error must be a message (str) or None; got {type(error).__name__} "
+                "(abort() also takes the exception itself)"
+            )
         with self._producer_lock:
             if self._closed:
                 return
@@ -875,8 +892,11 @@ class CaptureWriter:
             if misaligned is not None:
                 raise FormatError(misaligned + "; the capture was closed as 'aborted'")
 
-    def abort(self, error: str | None = None) -> None:
-        """Close as ``aborted``, keeping every row that all arrays hold."""
+    def abort(self, error: str | BaseException | None = None) -> None:
+        """Close as ``aborted``, keeping every row that all arrays hold. ``error`` (a message
+        or the exception itself) is recorded in the capture."""
+        if isinstance(error, BaseException):
+            error = f"{type(error).__name__}: {error}"
         self.close("aborted", error)
 
     def _release_buffers(self) -> None:
