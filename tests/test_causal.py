@@ -302,3 +302,74 @@ def test_interventional_output_shape_mismatch_names_the_site(
     graph = causal_graph(open_capture(path), model=model, n_sequences=1)
     with pytest.raises(LlminstrError, match=r"site 'transformer.h.0.attn': the model's output"):
         graph.compute()
+
+
+def _three_sites(
+    path: Path, offset: float, spread: float, nan: bool = False, minus: float = 0.0
+) -> Capture:
+    """A -> B strongly, C independent; every value offset by ``offset`` (stored float32),
+    then ``minus`` subtracted from the stored values (exactly: see the offset test)."""
+    from conftest import token_columns
+
+    from llminstr.format import SiteInfo
+    from llminstr.storage.writer import CaptureWriter
+
+    rng = np.random.default_rng(3)
+    n, d = 600, 4
+    a = rng.standard_normal((n, d))
+    b = a @ rng.standard_normal((d, d)) + 0.2 * rng.standard_normal((n, d))
+    c = rng.standard_normal((n, d))
+    data = {
+        k: ((offset + spread * v).astype(np.float32).astype(np.float64) - minus).astype(np.float32)
+        for k, v in zip("ABC", (a, b, c), strict=True)
+    }
+    if nan:
+        data["A"][17, 2] = np.nan
+    with CaptureWriter(path, [SiteInfo(k, (d,)) for k in "ABC"], chunk_rows=64) as w:
+        w.append(token_columns(n), data)
+    return open_capture(path)
+
+
+@pytest.mark.parametrize("basis", ["random", "pca"])
+def test_observational_reads_each_chunk_once_per_pass(
+    basis: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from collections import Counter
+
+    from llminstr import reader as reader_mod
+
+    cap = _three_sites(tmp_path / "c.zarr", 0.0, 1.0)
+    reads: Counter[tuple[str, int]] = Counter()
+    real = reader_mod._Source.read_chunk
+
+    def counting(self: Any, index: int, out: Any = None) -> Any:
+        reads[(self.key, index)] += 1
+        return real(self, index, out)
+
+    monkeypatch.setattr(reader_mod._Source, "read_chunk", counting)
+    out = causal_graph(cap, basis=basis, rank=2).compute()
+    passes = 2 if basis == "pca" else 1
+    assert out["details"]["passes"] == passes
+    assert set(reads.values()) == {passes} and len(reads) == 3 * 10
+
+
+@pytest.mark.parametrize("basis", ["random", "pca"])
+def test_observational_is_exact_under_a_large_common_offset(basis: str, tmp_path: Path) -> None:
+    """Moments are merged centred (Chan et al.). The same float32 values with and without
+    an offset of 3e4 (over a spread of 1e-2; the shift is exact in float32) give the same
+    edges; computing outer/n - mean*mean in float64 was off by about 0.01."""
+    far = _three_sites(tmp_path / "a.zarr", 3e4, 1e-2)
+    near = _three_sites(tmp_path / "b.zarr", 3e4, 1e-2, minus=3e4)
+    np.testing.assert_array_equal(far.read("A").astype(np.float64) - 3e4, near.read("A"))
+    e_far = causal_graph(far, basis=basis, rank=4).compute()["edges"]
+    e_near = causal_graph(near, basis=basis, rank=4).compute()["edges"]
+    for e0, e1 in zip(e_near, e_far, strict=True):
+        assert e1["delta_r2"] == pytest.approx(e0["delta_r2"], abs=1e-6)
+    assert e_near[0]["delta_r2"] > 0.9  # A -> B
+
+
+@pytest.mark.parametrize("basis", ["random", "pca"])
+def test_observational_refuses_nonfinite_data(basis: str, tmp_path: Path) -> None:
+    cap = _three_sites(tmp_path / "c.zarr", 0.0, 1.0, nan=True)
+    with pytest.raises(LlminstrError, match="needs finite data"):
+        causal_graph(cap, basis=basis, rank=2).compute()

@@ -19,7 +19,7 @@ from llminstr.analysis.sae import (
     save_sae,
     train_sae,
 )
-from llminstr.errors import ConfigError, FormatError, SiteNotFoundError
+from llminstr.errors import ConfigError, FormatError, LlminstrError, SiteNotFoundError
 from llminstr.format import SiteInfo
 from llminstr.reader import Capture, open_capture
 from llminstr.storage.writer import CaptureWriter
@@ -349,3 +349,14 @@ def test_steps_on_data_smaller_than_the_buffer_read_it_once_per_epoch(
     assert res.metrics["steps"] == steps and len(seen) == steps
     epoch_rows = np.concatenate(seen[:batches_per_epoch])
     np.testing.assert_array_equal(np.sort(epoch_rows), np.arange(rows))
+
+
+def test_nonfinite_rows_are_refused_not_trained_into_nan_weights(tmp_path: Path) -> None:
+    path = tmp_path / "nan.zarr"
+    x = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
+    x[211, 3] = np.inf
+    with CaptureWriter(path, [SiteInfo("s", (8,))], chunk_rows=64) as w:
+        w.append(token_columns(np.arange(300)), {"s": x})
+    cfg = SAEConfig(n_features=8, k=2, steps=20, batch_size=64, init_rows=16, held_out_fraction=0.0)
+    with pytest.raises(LlminstrError, match=r"site 's' holds NaN or inf \(row 211\)"):
+        train_sae(open_capture(path), cfg, site="s")

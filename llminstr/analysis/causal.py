@@ -189,12 +189,66 @@ def _site_matrix(capture: Any, name: str, span: tuple[int, int], after: Any = No
     return x.astype(np.float64)
 
 
-def _pca_basis(total: np.ndarray, outer: np.ndarray, n: int, r: int) -> np.ndarray:
-    """Top-``r`` eigenvectors of the covariance from first and second moments."""
-    n = max(int(n), 1)
-    mean = total / n
-    cov = outer / n - np.outer(mean, mean)
-    cov = (cov + cov.T) / 2
+#: Block moments merged per task of the moment tree (each holds a d x d matrix).
+_MOMENT_FAN_IN = 4
+
+
+def _block_moments(block: Any) -> tuple[int, np.ndarray, np.ndarray]:
+    """``(n, mean, centred scatter matrix)`` of one block of rows, in float64."""
+    b = np.asarray(block, dtype=np.float64)
+    mean = b.mean(axis=0) if len(b) else np.zeros(b.shape[1])
+    c = b - mean
+    return len(b), mean, c.T @ c
+
+
+def _merge_moments(*parts: tuple[int, np.ndarray, np.ndarray]) -> tuple[int, Any, Any]:
+    """Chan et al.'s pairwise update: exact merging of centred moments, so a large common
+    offset never meets a small spread in one subtraction."""
+    n, mean, scatter = parts[0]
+    scatter = scatter.copy()
+    for nb, mean_b, scatter_b in parts[1:]:
+        if nb == 0:
+            continue
+        total = n + nb
+        delta = mean_b - mean
+        scatter += scatter_b + np.outer(delta, delta) * (n * nb / total)
+        mean = mean + delta * (nb / total)
+        n = total
+    return n, mean, scatter
+
+
+def _moments(x: Any) -> Any:
+    """Lazy ``(n, mean, scatter)`` of a 2-D dask array, reading each block once: one task
+    per block, merged in a tree. (Passing ``x.sum(0)`` and ``x.T @ x`` to one delayed call
+    read every block twice, since dask optimises each collection argument on its own.)"""
+    from llminstr.analysis.statistics import tree_reduce
+
+    blocks = list(x.to_delayed(optimize_graph=True).reshape(-1))
+    from dask.delayed import delayed
+
+    parts = [delayed(_block_moments, pure=True)(b) for b in blocks]
+    return tree_reduce(parts, _merge_moments, _MOMENT_FAN_IN)
+
+
+def _covariance(moments: tuple[int, np.ndarray, np.ndarray]) -> np.ndarray:
+    n, _, scatter = moments
+    cov = scatter / max(int(n), 1)
+    return np.asarray((cov + cov.T) / 2)
+
+
+def _check_finite(cov: np.ndarray, names: Sequence[str], what: str) -> None:
+    if not np.isfinite(cov).all():
+        raise LlminstrError(
+            f"the observational causal graph needs finite data: {what} of sites {list(names)} "
+            "hold NaN or inf (see the statistics' nonfinite_count); choose rows or sites "
+            "without them"
+        )
+
+
+def _pca_basis(moments: tuple[int, np.ndarray, np.ndarray], r: int, name: str = "?") -> np.ndarray:
+    """Top-``r`` eigenvectors of the covariance from the site's moments."""
+    cov = _covariance(moments)
+    _check_finite(cov, [name], "the rows")
     vals, vecs = np.linalg.eigh(cov)
     order = np.argsort(vals)[::-1][:r]
     basis = vecs[:, order]
@@ -253,8 +307,8 @@ def observational_graph(
     xs = [_site_matrix(cap, name, span) for name in names]
     bases: list[Any] = []
     if opts["basis"] == "pca":
-        for x, r in zip(xs, ranks, strict=True):
-            bases.append(delayed(_pca_basis, pure=True)(x.sum(axis=0), x.T @ x, n, r))
+        for x, r, name in zip(xs, ranks, names, strict=True):
+            bases.append(delayed(_pca_basis, pure=True)(_moments(x), r, name))
         # Pass 2 re-reads the data, and only once every basis is known (bounded memory).
         xs = [_site_matrix(cap, name, span, after=bases) for name in names]
     else:
@@ -268,7 +322,6 @@ def observational_graph(
         ys.append(x @ q)
     z = da.concatenate(ys, axis=1)
     z = z.rechunk({1: -1})
-    total, outer = z.sum(axis=0), z.T @ z
     details = {
         "basis": opts["basis"],
         "rank": rank,
@@ -287,7 +340,7 @@ def observational_graph(
         ),
     }
     return delayed(_observational_finish, pure=True)(
-        total, outer, n, ranks, nodes, details, float(ridge), opts["weight"]
+        _moments(z), ranks, nodes, details, float(ridge), opts["weight"]
     )
 
 
@@ -303,22 +356,21 @@ def _r2(
     lam = ridge * float(np.trace(sxx)) / len(pred) + 1e-12 * (1.0 + float(np.abs(sxx).max()))
     coef = np.linalg.solve(sxx + lam * np.eye(len(pred)), sxy)
     explained = float(np.trace(sxy.T @ coef))
-    return max(0.0, min(1.0, explained / syy)), coef
+    r2 = explained / syy
+    return (min(1.0, max(0.0, r2)) if math.isfinite(r2) else math.nan), coef
 
 
 def _observational_finish(
-    total: np.ndarray,
-    outer: np.ndarray,
-    n: int,
+    moments: tuple[int, np.ndarray, np.ndarray],
     ranks: list[int],
     nodes: list[dict[str, Any]],
     details: dict[str, Any],
     ridge: float,
     weight: str,
 ) -> dict[str, Any]:
-    mean = total / n
-    cov = outer / n - np.outer(mean, mean)
-    cov = (cov + cov.T) / 2
+    n = moments[0]
+    cov = _covariance(moments)
+    _check_finite(cov, [node["name"] for node in nodes], "the reduced coordinates")
     offsets = np.concatenate([[0], np.cumsum(ranks)]).astype(int)
     cols = [np.arange(offsets[i], offsets[i + 1]) for i in range(len(ranks))]
     sd = np.sqrt(np.maximum(np.diag(cov), 0.0))

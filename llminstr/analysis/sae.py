@@ -474,6 +474,15 @@ def _blocks_for(
 
 
 # ---------------------------------------------------------------------------- batches
+def _nonfinite_error(site: str | None, row: int | None) -> LlminstrError:
+    where = f"site {site!r}" if site else "the data"
+    at = f" (row {row})" if row is not None else ""
+    return LlminstrError(
+        f"{where} holds NaN or inf{at}: the SAE needs finite data (the statistics' "
+        "nonfinite_count shows where); choose rows without them"
+    )
+
+
 def _training_batches(
     blocks: _Blocks,
     cfg: SAEConfig,
@@ -853,6 +862,8 @@ def train_sae(
 
     rng_init = np.random.default_rng([cfg.seed, 1])
     sample = _init_sample(blocks, cfg, rng_init)
+    if not np.isfinite(sample).all():
+        raise _nonfinite_error(site, None)
     scale = 1.0
     if cfg.normalize:
         mean_norm = float(np.linalg.norm(sample, axis=1).mean())
@@ -869,6 +880,10 @@ def train_sae(
     history: list[float] = []
     window: list[float] = []
     for xb_np, rb in _training_batches(blocks, cfg, rng, cycle=cfg.steps is not None):
+        finite = np.isfinite(xb_np).all(axis=tuple(range(1, xb_np.ndim)))
+        if not finite.all():
+            # One NaN row would turn every weight into NaN without a word.
+            raise _nonfinite_error(site, int(rb[~finite].min()))
         if on_batch is not None:
             on_batch(rb)
         xb = torch.from_numpy(np.ascontiguousarray(xb_np)).to(model.device)
