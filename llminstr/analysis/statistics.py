@@ -416,6 +416,19 @@ def _fused_module() -> Any:
     return _fused
 
 
+#: Below this spread about the mean, float32 fourth powers (about 1e-32 and less) lose
+#: precision in the subnormal range: such blocks are summarised in float64. Kurtosis of a
+#: column of scale 1e-12 came out as -3.0 (impossible: excess kurtosis is at least -2).
+_TINY_SPREAD = 2.0**-26
+
+
+def _tiny_spread(vmin: np.ndarray, vmax: np.ndarray, center: np.ndarray) -> bool:
+    """Whether a column varies, but by so little that float32 powers would underflow."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        spread = np.maximum(vmax - center, center - vmin)
+    return bool(((spread > 0) & (spread < _TINY_SPREAD)).any())
+
+
 def site_block_partial(block: np.ndarray, eps: float, log_gamma: float) -> SitePartial:
     """Summarise one block ``(rows, *features)`` of stored values (float32, float16 or
     raw bfloat16 bits as uint16) into a :class:`SitePartial`."""
@@ -433,7 +446,8 @@ def site_block_partial(block: np.ndarray, eps: float, log_gamma: float) -> SiteP
         ok, mean, m2, m3, m4, vmin, vmax, near, norms = fused.summary(
             raw, min(n, _slab_rows(dims)), eps, log_gamma
         )
-        if ok:  # else: NaN/inf or float32 overflow, redone below in float64
+        # else: NaN/inf, float32 overflow or underflow: redone below in float64
+        if ok and not _tiny_spread(vmin, vmax, mean):
             return SitePartial(
                 n, mean, m2, m3, m4, vmin, vmax, near, np.zeros(dims, np.int64), NormPartial(*norms)
             )
@@ -445,8 +459,9 @@ def site_block_partial(block: np.ndarray, eps: float, log_gamma: float) -> SiteP
         np.isfinite(sc.power).all()
         and np.isfinite(sc.norm2).all()
         and (raw.dtype != np.float16 or max(-sc.vmin.min(), sc.vmax.max()) < _F16_LIMIT)
+        and not _tiny_spread(sc.vmin, sc.vmax, sc.shift)
     ):
-        # NaN/inf in the data, or float32 overflow: redo this block in float64.
+        # NaN/inf in the data, float32 overflow or underflow: redo this block in float64.
         with np.errstate(over="ignore", invalid="ignore"):
             sc = _scan(raw, eps, np.float64, exact=True)
         nonfinite = n - np.add.reduce(np.isfinite(as_float32(raw)), axis=0, dtype=np.int64)
