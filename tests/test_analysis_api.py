@@ -227,3 +227,23 @@ def test_all_parts(capture_path: Path) -> None:
     assert out["sae_features"]["site"] == "layers.1"
     assert {"graph", "edges", "method"} <= set(out["causal_graph"])
     assert out["causal_graph"]["method"] == "observational"
+
+
+def test_default_include_leaves_out_the_graph_of_one_site(tmp_path: Path) -> None:
+    """By default a one-site capture (or a one-row range) has no causal graph, with a note;
+    asked for by name, the graph's error says what to do."""
+    from conftest import token_columns
+
+    from llminstr.errors import ConfigError
+    from llminstr.format import SiteInfo
+    from llminstr.storage.writer import CaptureWriter
+
+    path = tmp_path / "one.zarr"
+    x = np.random.default_rng(0).standard_normal((40, 6)).astype(np.float32)
+    with CaptureWriter(path, [SiteInfo("s", (6,))], chunk_rows=16) as w:
+        w.append(token_columns(40), {"s": x})
+    out = compute(analyze_activations(path, sae_options={"n_features": 8, "k": 2, "steps": 3}))
+    assert out["causal_graph"] is None and out["statistics"] is not None
+    assert "no causal graph: it needs at least two sites" in out["capture"]["notes"][0]
+    with pytest.raises(ConfigError, match="leave 'causal_graph' out of include"):
+        analyze_activations(path, include=("causal_graph",))

@@ -360,3 +360,9 @@ def test_nonfinite_rows_are_refused_not_trained_into_nan_weights(tmp_path: Path)
     cfg = SAEConfig(n_features=8, k=2, steps=20, batch_size=64, init_rows=16, held_out_fraction=0.0)
     with pytest.raises(LlminstrError, match=r"site 's' holds NaN or inf \(row 211\)"):
         train_sae(open_capture(path), cfg, site="s")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_cuda_device_is_refused_up_front_without_cuda() -> None:
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        SAEConfig(device="cuda")

@@ -158,6 +158,7 @@ def analyze_activations(
     "causal_graph": ...}``; a part not in ``include`` is ``None``. Compute it with
     :func:`compute`.
     """
+    default_parts = include is PARTS
     parts = _check_include(include)
     sae_opts = _check_options("sae_options", sae_options)
     causal_opts = _check_options("causal_options", causal_options)
@@ -193,6 +194,13 @@ def analyze_activations(
         site = sae_opts.pop("site", None)
         site = default_sae_site(capture, names) if site is None else check_sites(capture, [site])[0]
         result["sae_features"] = sae_features(capture, site, rows=(start, stop), **sae_opts)
+    if "causal_graph" in parts and default_parts and (len(names) < 2 or stop - start < 2):
+        # Not asked for by name: a capture with one site (or one row) simply has no graph.
+        parts = tuple(p for p in parts if p != "causal_graph")
+        result["capture"]["notes"] = [
+            "no causal graph: it needs at least two sites and two rows "
+            f"({len(names)} site(s), {stop - start} row(s) selected)"
+        ]
     if "causal_graph" in parts:
         from llminstr.analysis.causal import causal_graph
 

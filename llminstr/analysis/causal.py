@@ -295,7 +295,10 @@ def observational_graph(
         raise ConfigError(f"seed must be a non-negative integer; got {seed!r}")
     names = _select_sites(cap, sites)
     if len(names) < 2:
-        raise ConfigError(f"a causal graph needs at least two sites; got {names}")
+        raise ConfigError(
+            f"a causal graph needs at least two sites; got {names} (leave 'causal_graph' out "
+            "of include to analyse one site)"
+        )
     span = resolve_rows(rows, cap.num_rows)
     n = span[1] - span[0]
     if n < 2:

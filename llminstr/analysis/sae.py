@@ -170,9 +170,14 @@ class SAEConfig:
         try:
             import torch
 
-            torch.device(self.device)
+            dev = torch.device(self.device)
         except (RuntimeError, ValueError) as exc:
             raise ConfigError(f"device {self.device!r} is not a torch device: {exc}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(
+                f"device {self.device!r}: CUDA is not available to this torch build "
+                f"({torch.__version__})"
+            )
         _check_int("shuffle_buffer_rows", self.shuffle_buffer_rows, 1)
         if self.shuffle_buffer_rows < self.batch_size:
             raise ConfigError(
