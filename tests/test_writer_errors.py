@@ -674,3 +674,46 @@ def test_hdf5_final_rewrite_is_skipped_when_the_disk_is_nearly_full(
     cap = open_capture(path)
     assert (cap.status, cap.num_rows) == ("complete", 6)
     np.testing.assert_array_equal(cap.read("s"), rows(6, 2))
+
+
+def test_failed_publish_does_not_skip_a_commit_seq(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Section 3.2: commit_seq grows by exactly 1 per publish, also across a publish that
+    failed (a transient I/O error on the root document)."""
+    path = tmp_path / "c.zarr"
+    w = CaptureWriter(path, [SiteInfo("s", (2,))], chunk_rows=4)
+    w.append(token_columns(4), {"s": rows(4, 2)})
+    w.commit()
+    assert open_capture(path).metadata["commit_seq"] == 1
+    real = backends_mod.ZarrBackend.publish
+    calls = [0]
+
+    def flaky(self: Any, root: Any) -> None:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise OSError(5, "Input/output error")
+        real(self, root)
+
+    monkeypatch.setattr(backends_mod.ZarrBackend, "publish", flaky)
+    w.append(token_columns(4, 4), {"s": rows(4, 2, 4)})
+    with pytest.raises(OSError, match="Input/output error"):
+        w.commit()
+    assert w.status == "in_progress" and open_capture(path).metadata["commit_seq"] == 1
+    w.commit()
+    cap = open_capture(path)
+    assert (cap.metadata["commit_seq"], cap.num_rows) == (2, 8)
+    w.close()
+    assert open_capture(path).metadata["commit_seq"] == 3
+
+
+def test_uint64_token_ids_beyond_int64_are_refused(tmp_path: Path) -> None:
+    w = CaptureWriter(tmp_path / "c.zarr", [SiteInfo("s", (2,))], chunk_rows=4)
+    tokens = token_columns(2)
+    tokens["token_id"] = np.array([5, 2**63 + 5], dtype=np.uint64)
+    with pytest.raises(FormatError, match=r"holds 9223372036854775813, beyond int64"):
+        w.append(tokens, {"s": rows(2, 2)})
+    tokens["token_id"] = np.array([5, 7], dtype=np.uint64)  # in range: stored as int64
+    w.append(tokens, {"s": rows(2, 2)})
+    w.close()
+    assert open_capture(tmp_path / "c.zarr").token_table()["token_id"].tolist() == [5, 7]

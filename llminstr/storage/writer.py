@@ -14,6 +14,7 @@ number of rows that every array holds on disk.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import os
@@ -95,6 +96,9 @@ def auto_chunk_rows(row_bytes: Sequence[int], budget_bytes: int) -> int:
     rows = min(rows, MAX_AUTO_CHUNK_ROWS)
     rows = max(rows, MIN_CHUNK_ROWS)
     return int(2 ** math.floor(math.log2(rows)))
+
+
+_INT64_MAX = np.iinfo(np.int64).max
 
 
 def encoder_threads_for(target_gbps: float | None, requested: int | None) -> int:
@@ -523,6 +527,11 @@ class CaptureWriter:
         for c, a in arrays.items():
             if a.size and not np.issubdtype(a.dtype, np.integer):
                 raise FormatError(f"token column {c!r} must hold integers; got dtype {a.dtype}")
+            # uint64 values past int64 would wrap to negative ids without a word
+            if a.size and a.dtype.kind == "u" and a.dtype.itemsize == 8 and a.max() > _INT64_MAX:
+                raise FormatError(
+                    f"token column {c!r} holds {int(a.max())}, beyond int64 (the stored type)"
+                )
         return {c: a.astype("<i8", copy=False) for c, a in arrays.items()}
 
     def append(self, tokens: Mapping[str, Any], activations: Mapping[str, Any]) -> None:
@@ -789,7 +798,10 @@ class CaptureWriter:
             if status is None and rows == self._published_rows:
                 self._last_publish = time.monotonic()
                 return
-            root = self._root
+            # A new document, adopted only once published: a failed publish (a transient
+            # I/O error) leaves commit_seq and status as the disk has them, so the next
+            # publish still grows commit_seq by exactly 1 (section 3.2).
+            root = copy.deepcopy(self._root)
             root["committed_rows"] = rows
             root["commit_seq"] = int(root["commit_seq"]) + 1
             root["updated"] = utc_now()
@@ -801,6 +813,7 @@ class CaptureWriter:
                 self._backend.close(root)
             else:
                 self._backend.publish(root)
+            self._root = root
             self._published_rows = rows
             self._last_publish = time.monotonic()
 
