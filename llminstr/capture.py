@@ -232,6 +232,7 @@ class CaptureSession:
                 "cannot tell the tokens of this forward pass: the instrumented model was called "
                 "without input_ids or inputs_embeds"
             )
+        _check_supported_cache(kwargs, mask)
         past = _past_length(kwargs, mask, seq_len)
         if past == 0 or self._live_sequences is None or len(self._live_sequences) != batch:
             self._live_sequences = np.arange(self._next_sequence, self._next_sequence + batch)
@@ -260,6 +261,8 @@ class CaptureSession:
 
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
             plan = self._plan
+            if plan is None and _in_backward():
+                return  # activation checkpointing re-running a block during backward
             if plan is None:
                 raise CaptureStateError(
                     f"site {spec.name!r} ran outside a forward pass of the instrumented model; "
@@ -532,6 +535,36 @@ def _host_rows(flat: torch.Tensor, keep: np.ndarray | None) -> np.ndarray:
     """Kept rows of a CPU tensor as numpy (bf16 as raw uint16 bits; a view when possible)."""
     arr = flat.view(torch.uint16).numpy() if flat.dtype == torch.bfloat16 else flat.numpy()
     return arr if keep is None else arr[keep]
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass on this thread (where activation
+    checkpointing recomputes blocks: not a new forward pass, nothing to record)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and int(task()) != -1
+
+
+def _check_supported_cache(kwargs: Mapping[str, Any], mask: Any) -> None:
+    """Refuse the KV-cache forms whose masks do not say which new tokens are padding:
+    static and hybrid caches pass a 4-D or per-layer-type mask, or a 2-D mask padded to
+    the cache's full length (rows would then be silently wrong)."""
+    cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
+    static = cache is not None and (
+        bool(getattr(cache, "is_compileable", False)) or "Static" in type(cache).__name__
+    )
+    if static or (mask is not None and not (torch.is_tensor(mask) and mask.dim() == 2)):
+        form = (
+            f"a {type(cache).__name__}"
+            if static
+            else f"an attention mask of type {type(mask).__name__}"
+            + (f" and shape {tuple(mask.shape)}" if torch.is_tensor(mask) else "")
+        )
+        raise CaptureStateError(
+            f"the model was called with {form}: llminstr needs the 2-D (batch, tokens) "
+            "attention mask of a dynamic KV cache to tell padding from tokens. Static and "
+            "hybrid caches (cache_implementation='static', ...) are not supported; use the "
+            "default dynamic cache"
+        )
 
 
 #: Keyword arguments under which models receive their KV cache (see :func:`_past_length`).

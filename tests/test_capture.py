@@ -599,3 +599,44 @@ def test_positional_embeddings_input_is_not_taken_for_token_ids(tmp_path) -> Non
         torch.no_grad(),
     ):
         model(torch.randn(2, 16))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_static_kv_cache_is_refused_with_a_clear_error(arch: str, tmp_path) -> None:
+    """A static cache passes a 4-D mask, or a 2-D mask padded to the cache length, which
+    would store padding as tokens: refused, naming the cause and the way out."""
+    model = _tiny(arch)
+    fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1))
+    fw.instrument_model(model)
+    with (
+        pytest.raises(CaptureStateError, match=r"Static and hybrid caches .* are not supported"),
+        fw.capture_activations(tmp_path / "c.zarr"),
+        torch.no_grad(),
+    ):
+        model.generate(
+            PROMPTS,
+            attention_mask=MASK,
+            max_new_tokens=2,
+            do_sample=False,
+            pad_token_id=0,
+            cache_implementation="static",
+        )
+    assert not (tmp_path / "c.zarr").exists()  # refused on the first pass, before any write
+
+
+def test_activation_checkpointing_recomputation_is_not_recorded(tmp_path) -> None:
+    """Checkpointing re-runs blocks during backward: no forward pass, nothing to record."""
+    model = _tiny("llama").train()
+    model.gradient_checkpointing_enable()
+    fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1, chunk_rows=8))
+    specs = fw.instrument_model(model)
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    torch.manual_seed(1)
+    with fw.capture_activations(tmp_path / "c.zarr"):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+    cap = open_capture(tmp_path / "c.zarr")
+    assert (cap.status, cap.num_rows) == ("complete", 8)
+    assert cap.token_table()["step"].tolist() == [0] * 8
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert len(cap.sites) == len(specs)
