@@ -262,6 +262,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from llminstr.tools import validate
 
+    if not Path(args.path).exists():
+        raise LlminstrError(f"{args.path!r} does not exist")  # bad input (2), not invalid (1)
     problems = validate(args.path)
     if problems:
         for p in problems:
@@ -274,6 +276,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from llminstr.tools import convert
 
+    dst = Path(args.dst)
+    if (dst.exists() or dst.is_symlink()) and not args.overwrite:
+        raise LlminstrError(f"{args.dst!r} already exists; pass --overwrite to replace it")
     compression = (
         "keep"
         if args.compression == "keep"

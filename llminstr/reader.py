@@ -125,6 +125,14 @@ def _check_hdf5_length(path: str) -> None:
         time.sleep(0.05)
 
 
+def _with_error_key(root: Any) -> Any:
+    """Section 3.2: readers treat a missing ``error`` as null (writers must write it, so
+    the schema requires it)."""
+    if isinstance(root, dict):
+        root.setdefault("error", None)
+    return root
+
+
 def _feature_shape(key: str, doc: dict[str, Any]) -> tuple[int, ...]:
     """An array's feature shape: the site's, or none for a token column (an unknown
     ``feature_shape`` key in a token column's document is ignored, as section 10 says)."""
@@ -495,7 +503,7 @@ class Capture:
             raise NotACaptureError(
                 f"{where} is a Zarr store without the '{ATTR_KEY}' root attribute"
             )
-        validate_root(root, where)  # before any of its fields is used
+        validate_root(_with_error_key(root), where)  # before any of its fields is used
         names = [(TOKENS_GROUP, c) for c in root["token_columns"]] + [
             (ACTIVATIONS_GROUP, s) for s in root["sites"]
         ]
@@ -610,7 +618,7 @@ class Capture:
                     f"{where} is an HDF5 file without the '{ATTR_KEY}' root attribute"
                 )
             root = parse_document(_h5_text(raw, where), where)
-            validate_root(root, where)  # before any of its fields is used
+            validate_root(_with_error_key(root), where)  # before any of its fields is used
             # H5Drefresh shows a live writer's new commits. It is only safe while no other
             # handle of the same dataset is open in the process: it corrupts HDF5's shared
             # chunk index otherwise (reads then return other chunks' bytes; reproduced with

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from llminstr.errors import LlminstrError
+from llminstr.errors import ConfigError, LlminstrError
 from llminstr.format import ACTIVATIONS_GROUP, TOKENS_GROUP, SiteInfo
 from llminstr.reader import Capture, open_capture
 
@@ -106,6 +106,17 @@ def validate(path: str | os.PathLike[str]) -> list[str]:
     return problems
 
 
+def _same_location(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether two paths name the same file or directory (or one lies inside the other)."""
+    ra, rb = Path(os.path.realpath(a)), Path(os.path.realpath(b))
+    if ra == rb or ra in rb.parents or rb in ra.parents:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def convert(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -122,6 +133,12 @@ def convert(
     ``compression`` is ``"keep"`` (the source's codec), ``"lz4"``, ``"zstd"`` or ``None``."""
     from llminstr.storage.writer import CaptureWriter
 
+    if _same_location(src, dst):
+        # overwrite=True would delete the source before a single row was copied
+        raise ConfigError(
+            f"convert: the destination {str(dst)!r} is the source {str(src)!r}, or contains "
+            "it, or lies inside it"
+        )
     cap = open_capture(src)
     meta = cap.metadata
     infos = []
@@ -149,7 +166,12 @@ def convert(
         compression_level=comp["clevel"] if cname == comp["cname"] else None,
         checksum=comp["checksum"] is not None or cap.backend == "hdf5",
         chunk_rows=cap.chunk_rows,
-        memory_budget_bytes=max(1 << 28, 4 * sum(s.row_bytes for s in infos) * cap.chunk_rows),
+        # room for every array's chunk buffer, frames in flight and a copy block of rows
+        # (a one-site capture of 64 MiB chunks needs more than 4x its site's chunk)
+        memory_budget_bytes=max(
+            1 << 28,
+            8 * (sum(s.row_bytes for s in infos) + 8 * len(cap.token_columns)) * cap.chunk_rows,
+        ),
         backend=backend,  # type: ignore[arg-type]
         overwrite=overwrite,
         model=meta.get("model"),

@@ -277,3 +277,21 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "Done. Outputs:" in text and str(out / "report.html") in text
     assert open_capture(out / "capture.zarr").status == "complete"
     assert (out / "report.html").is_file() and (out / "analysis" / "analysis.json").is_file()
+
+
+def test_convert_refuses_its_own_source_and_names_the_flag(
+    capture: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Converting onto the source with --overwrite deleted the source before reading it."""
+    src = tmp_path / "src.zarr"
+    shutil.copytree(capture, src)
+    before = open_capture(src).num_rows
+    for dst in (src, tmp_path / "." / "src.zarr", src / "inside.h5"):
+        assert main(["convert", str(src), str(dst), "--overwrite", "-q"]) == EXIT_ERROR
+        assert "is the source" in capsys.readouterr().err
+    assert open_capture(src).num_rows == before and open_capture(src).status == "complete"
+    taken = tmp_path / "taken.h5"
+    taken.write_bytes(b"")
+    assert main(["convert", str(src), str(taken), "-q"]) == EXIT_ERROR
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["validate", str(tmp_path / "missing.zarr")]) == EXIT_ERROR

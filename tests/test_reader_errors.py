@@ -1058,3 +1058,10 @@ def test_hdf5_reads_stay_right_beside_another_handle_of_the_dataset(tmp_path: Pa
             cap.refresh()
             np.testing.assert_array_equal(cap.activations("a").compute(), ramp(ROWS, 4))
         del held
+
+
+def test_root_without_error_key_reads_as_null(capture: Path) -> None:
+    """Section 3.2: readers MUST treat a missing ``error`` as null."""
+    edit_root(capture, lambda d: d.pop("error"))
+    with open_capture(capture) as cap:
+        assert cap.metadata["error"] is None and cap.num_rows == ROWS
