@@ -321,11 +321,16 @@ def validate_token(doc: Any, where: str = "token column") -> None:
     _check_names([doc["column"]], f"{where}: token column metadata")
 
 
+def _no_constant(name: str) -> Any:
+    # Python's json accepts NaN, Infinity and -Infinity; JSON (RFC 8259) does not.
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_document(raw: bytes | str, where: str) -> Any:
     if len(raw) > MAX_DOCUMENT_BYTES:
         raise FormatError(f"{where}: metadata document of {len(raw)} bytes exceeds the limit")
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise FormatError(f"{where}: metadata is not valid JSON ({exc})") from exc
     except RecursionError:

@@ -571,6 +571,15 @@ class Capture:
                 f"{where}: array {key} has chunk key encoding {meta.get('chunk_key_encoding')!r}; "
                 "the format uses the default encoding with separator '/'"
             )
+        fill = meta.get("fill_value")
+        if isinstance(fill, bool) or not isinstance(fill, (int, float)) or fill != 0:
+            raise FormatError(f"{where}: array {key} has fill_value {fill!r}; the format uses 0")
+        names_expected = doc.get("dimension_names") if features else ["row"]
+        if meta.get("dimension_names") != names_expected:
+            raise FormatError(
+                f"{where}: array {key} has dimension_names {meta.get('dimension_names')!r}; "
+                f"its metadata says {names_expected!r}"
+            )
         if meta.get("zarr_format") != 3 or meta.get("storage_transformers") not in (None, []):
             raise FormatError(
                 f"{where}: array {key} must be a Zarr v3 array without storage transformers"
@@ -670,6 +679,11 @@ class Capture:
                         f"{[doc.get('chunk_rows'), *features]}"
                     )
                 _check_h5_filters(ds, key, doc, where)
+                if ds.maxshape[0] is not None or np.any(ds.fillvalue != 0):
+                    raise FormatError(
+                        f"{where}: dataset {key} must be unlimited along rows with fill value 0; "
+                        f"got maxshape {ds.maxshape} and fill value {ds.fillvalue!r}"
+                    )
                 if list(ds.shape[1:]) != features:
                     raise FormatError(
                         f"{where}: dataset {key} has shape {ds.shape}, unlike its metadata"

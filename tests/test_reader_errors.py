@@ -1065,3 +1065,34 @@ def test_root_without_error_key_reads_as_null(capture: Path) -> None:
     edit_root(capture, lambda d: d.pop("error"))
     with open_capture(capture) as cap:
         assert cap.metadata["error"] is None and cap.num_rows == ROWS
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.update(fill_value=1.5), "has fill_value 1.5; the format uses 0"),
+        (lambda d: d.update(dimension_names=["row", "x"]), "has dimension_names"),
+        (lambda d: d["attributes"].update(note=float("nan")), "NaN is not JSON"),
+    ],
+)
+def test_zarr_array_metadata_the_spec_fixes(
+    tmp_path: Path, edit: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    capture = make_capture(tmp_path / "c.zarr")
+    edit_zarr_json(capture / "activations" / "a" / "zarr.json", edit)
+    with pytest.raises(FormatError, match=message):
+        open_capture(capture)
+
+
+def test_hdf5_dataset_must_be_unlimited_with_zero_fill(tmp_path: Path) -> None:
+    import h5py
+
+    capture = make_capture(tmp_path / "c.h5", compression=None)
+    with h5py.File(capture, "r+") as f:
+        old = f["tokens/step"]
+        data, attrs, chunks = old[...], dict(old.attrs), old.chunks
+        del f["tokens/step"]
+        new = f.create_dataset("tokens/step", data=data, chunks=chunks, maxshape=(len(data),))
+        new.attrs.update(attrs)
+    with pytest.raises(FormatError, match="must be unlimited along rows with fill value 0"):
+        open_capture(capture)
