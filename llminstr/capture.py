@@ -12,6 +12,7 @@ exactly once, so row ``i`` is the same token in every array.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -165,6 +166,11 @@ class CaptureSession:
         self._plan: PassPlan | None = None
         self._fired: list[bool] = [False] * len(self.sites)
         self._layouts: list[Any] = [None] * len(self.sites)
+        self._pass_lock = threading.Lock()
+        self._plan_thread: int | None = None  # the thread whose forward pass is recorded
+        # Per site: whether its output was a tuple/list (section 3.3: tuple_index is null
+        # when the rows are the output itself), seen on its first call.
+        self._from_tuple: list[bool | None] = [None] * len(self.sites)
         self._first_pass: dict[int, list[np.ndarray]] | None = {}
         self._first_tokens: dict[str, np.ndarray] = {}
         self._first_bytes = 0  # budget held by first-pass rows on the host
@@ -204,8 +210,16 @@ class CaptureSession:
     def _pre_hook(
         self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
-        if self._plan is not None:
-            return  # re-entrant call of the root (e.g. a wrapper calling itself): one pass
+        me = threading.get_ident()
+        with self._pass_lock:
+            if self._plan is not None:
+                if self._plan_thread == me:
+                    return  # re-entrant call of the root (e.g. a wrapper calling itself)
+                raise CaptureStateError(_CONCURRENT)
+            self._begin_pass(args, kwargs)
+            self._plan_thread = me
+
+    def _begin_pass(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         first = args[0] if args and torch.is_tensor(args[0]) else None
         embeds = kwargs.get("inputs_embeds")
         input_ids = kwargs.get("input_ids")
@@ -261,6 +275,8 @@ class CaptureSession:
 
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
             plan = self._plan
+            if plan is not None and self._plan_thread != threading.get_ident():
+                raise CaptureStateError(_CONCURRENT)
             if plan is None and _in_backward():
                 return  # activation checkpointing re-running a block during backward
             if plan is None:
@@ -275,11 +291,15 @@ class CaptureSession:
                 )
             self._fired[index] = True
             tensor = _take(output, spec)
+            if self._from_tuple[index] is None:
+                self._from_tuple[index] = isinstance(output, (tuple, list))
             self._on_site(index, plan, tensor)
 
         return hook
 
     def _post_hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if self._plan is None or self._plan_thread != threading.get_ident():
+            return  # another thread's call, refused in its pre-hook
         plan, self._plan = self._plan, None
         if plan is None or output is None:
             return  # (torch calls this hook with no output when the forward raised)
@@ -447,7 +467,7 @@ class CaptureSession:
                     layer=spec.layer,
                     module_path=spec.module_path,
                     module_class=spec.module_class,
-                    tuple_index=spec.tuple_index,
+                    tuple_index=spec.tuple_index if self._from_tuple[i] else None,
                 )
             )
         cfg = self.config
@@ -535,6 +555,13 @@ def _host_rows(flat: torch.Tensor, keep: np.ndarray | None) -> np.ndarray:
     """Kept rows of a CPU tensor as numpy (bf16 as raw uint16 bits; a view when possible)."""
     arr = flat.view(torch.uint16).numpy() if flat.dtype == torch.bfloat16 else flat.numpy()
     return arr if keep is None else arr[keep]
+
+
+_CONCURRENT = (
+    "the instrumented model was called from a second thread while another thread's forward "
+    "pass is being captured: rows would mix. Call the model from one thread at a time "
+    "during a capture"
+)
 
 
 def _in_backward() -> bool:

@@ -53,10 +53,13 @@ DEFAULT_LEVEL = {"lz4": 5, "zstd": 1}
 MAX_FEATURE_ELEMENTS = 1 << 24  # 16M values per row: far above any model, bounds reads
 MAX_FEATURE_NDIM = 8
 MAX_CHUNK_ROWS = 1 << 24
-MAX_CHUNK_BYTES = 1 << 31  # 2 GiB: Blosc1 frames cannot be larger
+MAX_CHUNK_BYTES = 1 << 31  # 2 GiB raw per chunk
+MAX_BLOSC_CHUNK_BYTES = (1 << 31) - 1 - 16  # Blosc1's MAX_BUFFERSIZE: what one frame can hold
 MAX_DOCUMENT_BYTES = 16 << 20  # metadata documents larger than this are refused
 MAX_ROWS = (1 << 53) - 1  # committed rows and array lengths: JSON's exact integers
 
+#: Names that match the pattern but would collide with a Zarr group's own document.
+_RESERVED_NAMES = frozenset({".", "..", "zarr.json"})
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}$")
 
 
@@ -66,10 +69,10 @@ def utc_now() -> str:
 
 def check_name(name: str) -> str:
     """Site names are dotted module paths: letters, digits, ``_ . -``; 1-255 chars."""
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in {".", ".."}:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in _RESERVED_NAMES:
         raise ConfigError(
-            "a site name must be 1-255 characters of letters, digits, '_', '.', '-' and not "
-            f"start with '.' or '-'; got {name!r}"
+            "a site name must be 1-255 characters of letters, digits, '_', '.', '-', not "
+            f"start with '.' or '-', and not be 'zarr.json'; got {name!r}"
         )
     return name
 
@@ -134,6 +137,17 @@ class SiteInfo:
 
     def __post_init__(self) -> None:
         check_name(self.name)
+        for field, value in (("layer", self.layer), ("tuple_index", self.tuple_index)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0
+            ):
+                raise ConfigError(
+                    f"site {self.name!r}: {field} must be a non-negative integer or None; "
+                    f"got {value!r}"
+                )
+        for field, text in (("module_path", self.module_path), ("module_class", self.module_class)):
+            if text is not None and not isinstance(text, str):
+                raise ConfigError(f"site {self.name!r}: {field} must be a string; got {text!r}")
         shape = tuple(int(d) for d in self.feature_shape)
         if not shape or any(d < 1 for d in shape) or len(shape) > MAX_FEATURE_NDIM:
             raise ConfigError(
@@ -149,8 +163,6 @@ class SiteInfo:
         object.__setattr__(self, "dtype", logical_dtype_name(self.dtype))
         if self.kind not in KINDS:
             raise ConfigError(f"site kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
-        if self.layer is not None and (isinstance(self.layer, bool) or int(self.layer) < 0):
-            raise ConfigError(f"site {self.name!r}: layer must be >= 0 or None; got {self.layer!r}")
 
     @property
     def storage_dtype(self) -> str:
@@ -296,7 +308,7 @@ def _check_names(names: list[Any], what: str) -> None:
     # match before a trailing newline; ECMA-262, the schemas' dialect, does not. Enforce
     # the whole-string match here.
     for name in names:
-        if not (isinstance(name, str) and _NAME_RE.fullmatch(name) and name not in {".", ".."}):
+        if not (isinstance(name, str) and _NAME_RE.fullmatch(name) and name not in _RESERVED_NAMES):
             raise FormatError(f"{what}: {name!r} is not a valid name (section 2.5)")
 
 

@@ -117,6 +117,8 @@ class InstrumentationFramework:
         with every committed row kept, and the exception propagates. Statistics of the
         run are left in :attr:`last_capture_stats`.
         """
+        if self._session is None:
+            self.last_capture_stats = None  # a capture refused below leaves no stale stats
         if self.model is None:
             raise CaptureStateError(
                 "no model is instrumented: call instrument_model(model) before capture_activations()"

@@ -592,7 +592,8 @@ class Capture:
         )
         codec = doc.get("codec")
         if codec and names and len(names) > 1 and names[1] == "blosc":
-            blosc = _dig(meta["codecs"][1], "configuration") or {}
+            blosc = _dig(meta["codecs"][1], "configuration")
+            blosc = blosc if isinstance(blosc, dict) else {}
             if (blosc.get("cname"), blosc.get("clevel"), blosc.get("shuffle")) != (
                 codec.get("cname"),
                 codec.get("clevel"),

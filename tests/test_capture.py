@@ -644,3 +644,77 @@ def test_activation_checkpointing_recomputation_is_not_recorded(tmp_path) -> Non
     assert cap.token_table()["step"].tolist() == [0] * 8
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     assert len(cap.sites) == len(specs)
+
+
+def test_tuple_index_is_null_for_sites_whose_output_is_a_tensor(tmp_path) -> None:
+    """Section 3.3: tuple_index says which tuple element was taken, null for a plain tensor."""
+    model = _tiny("gpt2")
+    fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1))
+    fw.instrument_model(model)
+    with fw.capture_activations(tmp_path / "c.zarr"), torch.no_grad():
+        model(torch.tensor([[3, 4, 5]]))
+    cap = open_capture(tmp_path / "c.zarr")
+    indices = {name: cap.site_info(name)["tuple_index"] for name in cap.sites}
+    assert indices["transformer.h.0.attn"] == 0  # GPT2Attention returns (output, weights)
+    assert indices["transformer.h.0.mlp"] is None  # GPT2MLP returns a tensor
+
+
+def test_a_second_thread_calling_the_model_mid_pass_is_refused(tmp_path) -> None:
+    """Concurrent forward passes would mix rows under one pass's token ids: the thread that
+    arrives second gets a clear error, and the first thread's capture stays right."""
+    import threading
+
+    model = _tiny("gpt2")
+    fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1, chunk_rows=4))
+    fw.instrument_model(model)
+    block = model.transformer.h[0]
+    inside, release = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def hold(module: Any, args: Any, output: Any) -> None:  # thread A waits mid-pass
+        if threading.current_thread() is threading.main_thread():
+            inside.set()
+            release.wait(10)
+
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.no_grad():
+        expected = model(ids, output_hidden_states=True).hidden_states[1]
+    handle = block.register_forward_hook(hold)
+
+    def second() -> None:
+        inside.wait(10)
+        try:
+            with torch.no_grad():
+                model(torch.tensor([[7, 8]]))
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            release.set()
+
+    t = threading.Thread(target=second)
+    t.start()
+    try:
+        with fw.capture_activations(tmp_path / "c.zarr"), torch.no_grad():
+            model(ids)
+    finally:
+        t.join()
+        handle.remove()
+    assert len(errors) == 1 and isinstance(errors[0], CaptureStateError)
+    assert "called from a second thread" in str(errors[0])
+    cap = open_capture(tmp_path / "c.zarr")
+    assert (cap.status, cap.num_rows) == ("complete", 3)
+    np.testing.assert_array_equal(cap.read("transformer.h.0"), expected[0].numpy())
+
+
+def test_refused_capture_leaves_no_stale_stats(tmp_path) -> None:
+    from llminstr.errors import CaptureExistsError
+
+    model = _tiny("gpt2")
+    fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1))
+    fw.instrument_model(model)
+    with fw.capture_activations(tmp_path / "c.zarr"), torch.no_grad():
+        model(torch.tensor([[3, 4]]))
+    assert fw.last_capture_stats is not None
+    with pytest.raises(CaptureExistsError), fw.capture_activations(tmp_path / "c.zarr"):
+        pass
+    assert fw.last_capture_stats is None

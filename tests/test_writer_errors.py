@@ -161,7 +161,7 @@ def test_bad_site_dtype_kind_layer() -> None:
         SiteInfo("x", (4,), "int8")
     with pytest.raises(ConfigError, match="site kind must be one of"):
         SiteInfo("x", (4,), kind="mlp")
-    with pytest.raises(ConfigError, match="layer must be >= 0"):
+    with pytest.raises(ConfigError, match="layer must be a non-negative integer"):
         SiteInfo("x", (4,), layer=-1)
 
 
@@ -187,11 +187,19 @@ def test_bad_chunk_rows(tmp_path: Path, chunk_rows: Any) -> None:
 
 
 def test_chunk_too_large(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"the limit is 2147483648\. Lower chunk_rows"):
-        CaptureWriter(
+    with pytest.raises(ConfigError, match=r"the limit is 2147483631\. Lower chunk_rows"):
+        CaptureWriter(  # lz4: Blosc1's own limit
             tmp_path / "c.zarr",
             [SiteInfo("a", (1 << 20,))],
             chunk_rows=1 << 10,
+            memory_budget_bytes=1 << 40,
+        )
+    with pytest.raises(ConfigError, match=r"the limit is 2147483648\. Lower chunk_rows"):
+        CaptureWriter(  # raw chunks: the format's limit
+            tmp_path / "c.zarr",
+            [SiteInfo("a", (1 << 20,))],
+            chunk_rows=1 << 10,
+            compression=None,
             memory_budget_bytes=1 << 40,
         )
 
@@ -717,3 +725,29 @@ def test_uint64_token_ids_beyond_int64_are_refused(tmp_path: Path) -> None:
     w.append(tokens, {"s": rows(2, 2)})
     w.close()
     assert open_capture(tmp_path / "c.zarr").token_table()["token_id"].tolist() == [5, 7]
+
+
+def test_writer_refuses_what_the_spec_rules_out_before_creating_anything(tmp_path: Path) -> None:
+    """Section 9 limits and section 3.3 types, checked before the path is created."""
+    path = tmp_path / "c.zarr"
+    cases: list[tuple[Any, str]] = [
+        (lambda: SiteInfo("zarr.json", (2,)), "not be 'zarr.json'"),
+        (lambda: SiteInfo("s", (2,), layer=1.5), "layer must be a non-negative integer"),
+        (lambda: SiteInfo("s", (2,), tuple_index=-1), "tuple_index must be a non-negative"),
+        (
+            lambda: CaptureWriter(
+                path, [SiteInfo("s", (2,))], capture_config={"x": "y" * (17 << 20)}
+            ),
+            "root metadata document would be",
+        ),
+        (
+            lambda: CaptureWriter(
+                path, [SiteInfo("s", (1 << 20,))], chunk_rows=512, compression="lz4"
+            ),
+            "the limit is 2147483631",
+        ),
+    ]
+    for make, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            make()
+        assert not path.exists()

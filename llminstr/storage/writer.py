@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import json
 import math
 import os
 import threading
@@ -42,8 +43,10 @@ from llminstr.errors import (
 )
 from llminstr.format import (
     ACTIVATIONS_GROUP,
+    MAX_BLOSC_CHUNK_BYTES,
     MAX_CHUNK_BYTES,
     MAX_CHUNK_ROWS,
+    MAX_DOCUMENT_BYTES,
     TOKEN_COLUMNS,
     TOKENS_GROUP,
     CodecConfig,
@@ -99,6 +102,7 @@ def auto_chunk_rows(row_bytes: Sequence[int], budget_bytes: int) -> int:
 
 
 _INT64_MAX = np.iinfo(np.int64).max
+_DOCUMENT_MARGIN = 1 << 16  # bytes a root document may grow by between creation and close
 
 
 def encoder_threads_for(target_gbps: float | None, requested: int | None) -> int:
@@ -305,10 +309,12 @@ class CaptureWriter:
             )
         self.chunk_rows = chunk_rows
         widest = max(row_bytes) * chunk_rows
-        if widest > MAX_CHUNK_BYTES:
+        # Blosc1 compresses at most 2**31 - 1 - 16 bytes (its MAX_BUFFERSIZE)
+        limit = MAX_CHUNK_BYTES if self.codec_config.cname is None else MAX_BLOSC_CHUNK_BYTES
+        if widest > limit:
             raise ConfigError(
                 f"a chunk of {chunk_rows} rows of the widest site is {widest} bytes; the limit "
-                f"is {MAX_CHUNK_BYTES}. Lower chunk_rows."
+                f"is {limit}. Lower chunk_rows."
             )
         # One buffer per array, plus room for the widest chunk and its frame in flight.
         floor = sum(row_bytes) * chunk_rows + 2 * self._codec.frame_bound(widest) + widest
@@ -359,6 +365,16 @@ class CaptureWriter:
             capture_config=dict(capture_config) if capture_config is not None else None,
             library_version=__version__,
         )
+        # Section 9: no document above 16 MiB (readers refuse it). The root grows a little
+        # as it is published (counts, timestamps, an error message): keep a margin.
+        for what, doc in [("root", self._root), *((a.key, a.document) for a in arrays)]:
+            size = len(json.dumps(doc, allow_nan=False).encode("utf-8"))
+            if size > MAX_DOCUMENT_BYTES - _DOCUMENT_MARGIN:
+                raise ConfigError(
+                    f"the {what} metadata document would be {size} bytes, above the format's "
+                    f"{MAX_DOCUMENT_BYTES}-byte limit (less a {_DOCUMENT_MARGIN}-byte margin): "
+                    "pass a smaller model description or capture_config"
+                )
 
         if self.path.exists() and not overwrite:
             raise CaptureExistsError(

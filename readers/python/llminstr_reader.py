@@ -63,7 +63,7 @@ def _check_root(root: dict[str, Any], where: str) -> None:
     if cols[:4] != ["token_id", "sequence", "position", "step"]:
         raise CaptureFormatError(f"{where}: token_columns must start with the four required ones")
     names = [*cols, *root["sites"]]  # checked before any name is used as a path
-    if not all(isinstance(x, str) and NAME.fullmatch(x) for x in names):
+    if not all(isinstance(x, str) and NAME.fullmatch(x) and x != "zarr.json" for x in names):
         raise CaptureFormatError(f"{where}: invalid site or column name in {names}")
     if len(set(cols)) != len(cols) or len(set(root["sites"])) != len(root["sites"]):
         raise CaptureFormatError(f"{where}: duplicate site or column names")
