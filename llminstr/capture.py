@@ -69,6 +69,10 @@ class PassPlan:
         self.tokens: dict[str, np.ndarray] = {}
         self.n_rows = 0
 
+    @property
+    def resolved(self) -> bool:
+        return self._resolved
+
     def resolve(self) -> PassPlan:
         if self._resolved:
             return self
@@ -314,7 +318,10 @@ class CaptureSession:
             self._open_writer(plan)
         if self._stager is not None:  # the first pass goes to the drain at once
             self._stager.end_pass(plan, force=first)
-        self._progress.update(plan.batch * plan.seq_len, self._raw_bytes, self._started)
+        # Rows stored (padding skipped) when the pass is resolved by now (the CPU path);
+        # the CUDA path resolves in its drain thread, and the bar counts positions there.
+        rows = plan.n_rows if plan.resolved else plan.batch * plan.seq_len
+        self._progress.update(rows, self._raw_bytes, self._started)
 
     # ---------------------------------------------------------------- data path
     def _storage_dtype(self, tensor: torch.Tensor, spec: SiteSpec) -> torch.dtype:

@@ -470,6 +470,10 @@ def test_progress_line_shows_rows_bytes_rate_and_buffer(tmp_path, capsys) -> Non
     assert "capture" in err and "rows" in err
     for field in ("GB=", "GBps=", "buffer="):
         assert field in err, err
+    with fw.capture_activations(tmp_path / "p.zarr"), torch.no_grad():
+        model(PROMPTS, attention_mask=MASK)  # 18 positions, 14 real tokens
+    err = capsys.readouterr().err
+    assert "capture: 14 rows" in err and "18 rows" not in err  # stored rows, not padding
     fw_quiet = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1, progress=False))
     fw_quiet.instrument_model(model)
     with fw_quiet.capture_activations(tmp_path / "d.zarr"), torch.no_grad():
