@@ -215,8 +215,14 @@ def site_document(site: SiteInfo, codec: CodecConfig, chunk_rows: int) -> dict[s
     }
 
 
+#: Descriptions of the extra token columns llminstr itself writes (section 2.3).
+EXTRA_COLUMN_DESCRIPTIONS = {
+    "is_padding": "1 on a padding row (stored with padding='keep'; its position is -1), else 0",
+}
+
+
 def token_document(column: str, codec: CodecConfig, chunk_rows: int) -> dict[str, Any]:
-    description = dict(TOKEN_COLUMNS).get(column, "")
+    description = dict(TOKEN_COLUMNS).get(column) or EXTRA_COLUMN_DESCRIPTIONS.get(column, "")
     return {
         "column": column,
         "description": description,

@@ -324,6 +324,10 @@ def test_padding_keep_and_storage_dtype(tmp_path) -> None:
     assert cap.num_rows == PROMPTS.numel()
     tok = cap.token_table()
     assert tok["is_padding"].tolist() == (1 - MASK).reshape(-1).tolist()
+    # section 2.3: padding rows have position -1; the column says what it means
+    assert (tok["position"][tok["is_padding"] == 1] == -1).all()
+    doc = json.loads((tmp_path / "c.zarr" / "tokens" / "is_padding" / "zarr.json").read_text())
+    assert "padding row" in doc["attributes"]["llminstr"]["description"]
     assert all(cap.site_info(s)["logical_dtype"] == "bfloat16" for s in cap.sites)
 
 
