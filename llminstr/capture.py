@@ -582,7 +582,7 @@ def _check_supported_cache(kwargs: Mapping[str, Any], mask: Any) -> None:
     """Refuse the KV-cache forms whose masks do not say which new tokens are padding:
     static and hybrid caches pass a 4-D or per-layer-type mask, or a 2-D mask padded to
     the cache's full length (rows would then be silently wrong)."""
-    cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
+    cache = _cache_of(kwargs)
     static = cache is not None and (
         bool(getattr(cache, "is_compileable", False)) or "Static" in type(cache).__name__
     )
@@ -605,13 +605,17 @@ def _check_supported_cache(kwargs: Mapping[str, Any], mask: Any) -> None:
 _CACHE_KWARGS = ("past_key_values", "cache", "past_key_value")
 
 
+def _cache_of(kwargs: Mapping[str, Any]) -> Any:
+    """The KV cache a model call received, or None. Its keyword differs between
+    transformers releases: ``past_key_values`` (4.x), ``cache`` (5.x)."""
+    return next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
+
+
 def _past_length(kwargs: Mapping[str, Any], mask: torch.Tensor | None, seq_len: int) -> int:
     """Tokens already in the KV cache, from host-side shapes only (never a device sync)."""
     if mask is not None and mask.dim() == 2:
         return max(0, int(mask.shape[1]) - seq_len)
-    # The cache's keyword differs between transformers releases: ``past_key_values``
-    # (4.x), ``cache`` (5.x); a model that takes neither is treated as uncached.
-    cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
+    cache = _cache_of(kwargs)
     if cache is None:
         return 0
     if hasattr(cache, "get_seq_length"):

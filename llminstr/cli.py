@@ -74,7 +74,9 @@ def load_model(spec: str, device: str, dtype: str) -> tuple[Any, Any]:
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
         dtype
     ]
-    _check_device(device)
+    from llminstr.config import check_torch_device
+
+    check_torch_device(device, "--device")
     if spec == "demo":
         from llminstr.demo import load_demo_model
 
@@ -97,25 +99,6 @@ def load_model(spec: str, device: str, dtype: str) -> tuple[Any, Any]:
     tokenizer.padding_side = "left"
     loaded: Any = model
     return loaded.to(device).eval(), tokenizer
-
-
-def _check_device(device: str) -> None:
-    """Refuse a device torch cannot use before any model is loaded."""
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError) as exc:
-        raise LlminstrError(f"--device {device!r} is not a torch device: {exc}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LlminstrError(
-            f"--device {device!r}: CUDA is not available to this torch build "
-            f"({torch.__version__}); use --device cpu"
-        )
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise LlminstrError(
-            f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
-        )
 
 
 def _encode(tokenizer: Any, prompts: list[str]) -> dict[str, Any]:

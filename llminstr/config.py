@@ -38,6 +38,27 @@ class HookGranularity(enum.Enum):
     FFN_ONLY = "ffn_only"
 
 
+def check_torch_device(device: Any, label: str) -> None:
+    """Refuse a device string torch cannot parse or this machine cannot use (CUDA absent,
+    or a CUDA index beyond the devices present), naming it as ``label``. Imports torch."""
+    import torch
+
+    if not isinstance(device, str) or not device:
+        raise ConfigError(f"{label} must be a torch device string; got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"{label} {device!r} is not a torch device: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"{label} {device!r}: CUDA is not available to this torch build ({torch.__version__})"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"{label} {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+
+
 def _choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
     if value not in allowed:
         shown = ", ".join(repr(a) for a in allowed)

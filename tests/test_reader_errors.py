@@ -32,6 +32,8 @@ from llminstr.reader import open_capture
 from llminstr.storage.writer import CaptureWriter
 
 ROWS, CHUNK = 10, 4  # chunks 0, 1 full; chunk 2 holds 2 rows
+#: Every array of make_capture's captures.
+ARRAYS = ("activations/a", "activations/b", *(f"tokens/{c}" for c in token_columns(0)))
 
 
 def ramp(n: int, width: int) -> np.ndarray:
@@ -889,27 +891,13 @@ def test_row_count_claimed_by_metadata_alone_is_refused(backend: str, tmp_path: 
     huge = 1 << 40
     if backend == ".zarr":
         edit_root(capture, lambda d: d.update(committed_rows=huge))
-        for key in (
-            "activations/a",
-            "activations/b",
-            "tokens/token_id",
-            "tokens/sequence",
-            "tokens/position",
-            "tokens/step",
-        ):
+        for key in ARRAYS:
             edit_zarr_json(capture / key / "zarr.json", lambda d: d["shape"].__setitem__(0, huge))
     else:
         import h5py
 
         with h5py.File(capture, "r+") as f:
-            for key in (
-                "activations/a",
-                "activations/b",
-                "tokens/token_id",
-                "tokens/sequence",
-                "tokens/position",
-                "tokens/step",
-            ):
+            for key in ARRAYS:
                 f[key].resize(huge, axis=0)
             f["llminstr_commit"][1] = huge
     with pytest.raises(FormatError, match="does not store chunk 274877906943"):

@@ -245,7 +245,7 @@ def _check_finite(cov: np.ndarray, names: Sequence[str], what: str) -> None:
         )
 
 
-def _pca_basis(moments: tuple[int, np.ndarray, np.ndarray], r: int, name: str = "?") -> np.ndarray:
+def _pca_basis(moments: tuple[int, np.ndarray, np.ndarray], r: int, name: str) -> np.ndarray:
     """Top-``r`` eigenvectors of the covariance from the site's moments."""
     cov = _covariance(moments)
     _check_finite(cov, [name], "the rows")

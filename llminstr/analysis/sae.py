@@ -48,6 +48,7 @@ from typing import Any, Literal
 import numpy as np
 
 from llminstr.analysis._common import resolve_rows
+from llminstr.config import check_torch_device
 from llminstr.errors import ConfigError, FormatError, LlminstrError, SiteNotFoundError
 
 __all__ = [
@@ -165,19 +166,7 @@ class SAEConfig:
         if self.lr is not None:
             _check_float("lr", self.lr, 0.0, 1.0, low_open=True, high_open=False)
         _check_int("seed", self.seed, 0)
-        if not isinstance(self.device, str) or not self.device:
-            raise ConfigError(f"device must be a torch device string; got {self.device!r}")
-        try:
-            import torch
-
-            dev = torch.device(self.device)
-        except (RuntimeError, ValueError) as exc:
-            raise ConfigError(f"device {self.device!r} is not a torch device: {exc}") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(
-                f"device {self.device!r}: CUDA is not available to this torch build "
-                f"({torch.__version__})"
-            )
+        check_torch_device(self.device, "device")
         _check_int("shuffle_buffer_rows", self.shuffle_buffer_rows, 1)
         if self.shuffle_buffer_rows < self.batch_size:
             raise ConfigError(
