@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_check.sh
 # It runs the CUDA tests (and the staging and capture tests, as a check of that machine's
 # library versions), a profile of the hooks in eight variants (benchmarks/gpu_profile.py),
-# the capture benchmarks on the GPU, and the overhead runs again with deferred copies; each
+# the capture benchmarks on the GPU, the cost of one small copy (benchmarks/gpu_copy_probe.py),
+# and the overhead runs again with deferred copies; each
 # section prints a short table. About 5 minutes on an H100: give the device call
 # timeout_s=600. Full logs go to $OUT (default /tmp/llminstr-gpu).
 set -uo pipefail
@@ -47,6 +48,10 @@ timeout 300 $PY benchmarks/bench_capture.py --device cuda --json "$OUT/bench_gpu
   >"$OUT/bench_gpu.txt" 2>&1
 echo "bench exit $?"
 grep -v "held the model back" "$OUT/bench_gpu.txt" | tail -10
+
+echo "== one small device-to-host copy: host CPU and stream time per call"
+timeout 60 $PY benchmarks/gpu_copy_probe.py >"$OUT/copy_probe.txt" 2>&1
+echo "probe exit $?"; tail -8 "$OUT/copy_probe.txt"
 
 echo "== the same overhead runs with small copies deferred to the end of each pass"
 timeout 180 $PY benchmarks/bench_capture.py --device cuda --defer-copies --skip sink memory \
