@@ -221,8 +221,13 @@ EXTRA_COLUMN_DESCRIPTIONS = {
 }
 
 
-def token_document(column: str, codec: CodecConfig, chunk_rows: int) -> dict[str, Any]:
-    description = dict(TOKEN_COLUMNS).get(column) or EXTRA_COLUMN_DESCRIPTIONS.get(column, "")
+def token_document(
+    column: str, codec: CodecConfig, chunk_rows: int, description: str | None = None
+) -> dict[str, Any]:
+    """A token column's document; ``description`` (extra columns only) overrides the
+    default: the standard columns' meaning, llminstr's own extras', or empty."""
+    if description is None:
+        description = dict(TOKEN_COLUMNS).get(column) or EXTRA_COLUMN_DESCRIPTIONS.get(column, "")
     return {
         "column": column,
         "description": description,

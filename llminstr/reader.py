@@ -800,6 +800,16 @@ class Capture:
             )
         return dict(self._array_docs[key])
 
+    def token_info(self, column: str) -> dict[str, Any]:
+        """The document of token column ``column`` (its ``description`` says what it holds)."""
+        key = f"{TOKENS_GROUP}/{column}"
+        if key not in self._array_docs or column not in self._root["token_columns"]:
+            raise SiteNotFoundError(
+                f"capture {str(self.path)!r} has no token column {column!r}; "
+                f"columns: {self.token_columns}"
+            )
+        return dict(self._array_docs[key])
+
     def _source(self, key: str, label: str) -> _Source:
         return _Source(
             str(self.path), self.backend, key, label, self._array_docs[key], self.num_rows

@@ -158,7 +158,11 @@ def convert(
         )
     comp = meta["compression"]
     cname = comp["cname"] if compression == "keep" else compression
-    extra = [c for c in cap.token_columns if c not in ("token_id", "sequence", "position", "step")]
+    extra = {
+        c: cap.token_info(c).get("description", "")
+        for c in cap.token_columns
+        if c not in ("token_id", "sequence", "position", "step")
+    }
     writer = CaptureWriter(
         dst,
         infos,

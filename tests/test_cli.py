@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from llminstr.cli import EXIT_ERROR, EXIT_INVALID, EXIT_OK, main
+from llminstr.format import SiteInfo
 from llminstr.reader import open_capture
+from llminstr.storage.writer import CaptureWriter
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +167,21 @@ def test_convert_round_trip(capture: Path, tmp_path: Path) -> None:
     for col in a.token_columns:
         assert np.array_equal(a.token_table()[col], c.token_table()[col])
     assert c.metadata["compression"]["cname"] == "zstd"
+
+
+def test_convert_keeps_extra_token_columns_and_their_descriptions(tmp_path: Path) -> None:
+    src = tmp_path / "extra.zarr"
+    cols = ("token_id", "sequence", "position", "step", "batch")
+    with CaptureWriter(
+        src, [SiteInfo("s", (3,))], chunk_rows=4, extra_token_columns={"batch": "loader batch"}
+    ) as w:
+        w.append({c: np.arange(5) * (i + 1) for i, c in enumerate(cols)}, {"s": np.ones((5, 3), np.float32)})
+    dst = tmp_path / "extra.h5"
+    assert main(["convert", str(src), str(dst), "-q"]) == EXIT_OK
+    out = open_capture(dst)
+    assert out.token_columns == list(cols)
+    assert out.token_info("batch")["description"] == "loader batch"
+    assert np.array_equal(out.token_table()["batch"], np.arange(5) * 5)
 
 
 def test_analyze_and_report(capture: Path, tmp_path: Path) -> None:

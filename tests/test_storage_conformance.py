@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import llminstr
+from llminstr.errors import ConfigError, SiteNotFoundError
 from llminstr.format import SiteInfo
 from llminstr.reader import open_capture
 from llminstr.storage.writer import CaptureWriter
@@ -406,6 +407,54 @@ def test_exact_metadata_documents(backend: str, tmp_path: Path) -> None:
             assert "32001" in ds._filters  # Blosc, as registered by hdf5plugin
             assert f["llminstr_commit"][1] == 6 and f["llminstr_commit"][2] == 1
     assert not Path(str(path) + ".lock").exists()
+
+
+def test_extra_token_columns_carry_their_descriptions(backend: str, tmp_path: Path) -> None:
+    path = tmp_path / f"extra{backend}"
+    extra = {"batch": "index of the row's batch in the data loader", "bare": ""}
+    with CaptureWriter(path, [SiteInfo("s", (2,))], chunk_rows=2, extra_token_columns=extra) as w:
+        cols = {c: np.arange(3) for c in ("token_id", "sequence", "position", "step", *extra)}
+        w.append(cols, {"s": np.ones((3, 2), np.float32)})
+    cap = open_capture(path)
+    assert cap.token_columns == ["token_id", "sequence", "position", "step", "batch", "bare"]
+    assert cap.token_info("batch")["description"] == extra["batch"]
+    assert cap.token_info("bare")["description"] == ""
+    assert (
+        cap.token_info("position")["description"] == "0-based position of the token in its sequence"
+    )
+    with pytest.raises(SiteNotFoundError, match="no token column 'nope'"):
+        cap.token_info("nope")
+    # a plain list still works: llminstr's own extras keep their built-in description
+    with CaptureWriter(
+        tmp_path / f"list{backend}", [SiteInfo("s", (2,))], extra_token_columns=["is_padding"]
+    ) as w:
+        w.append(
+            {
+                c: np.zeros(1, np.int64)
+                for c in ("token_id", "sequence", "position", "step", "is_padding")
+            },
+            {"s": np.ones((1, 2), np.float32)},
+        )
+    assert (
+        open_capture(tmp_path / f"list{backend}")
+        .token_info("is_padding")["description"]
+        .startswith("1 on a padding row")
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("batch", "not one string"),
+        ({"batch": 3}, "description of token column 'batch' must be a string"),
+    ],
+)
+def test_extra_token_column_descriptions_are_checked(
+    tmp_path: Path, extra: Any, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        CaptureWriter(tmp_path / "x.zarr", [SiteInfo("s", (2,))], extra_token_columns=extra)
+    assert not (tmp_path / "x.zarr").exists()
 
 
 # ---------------------------------------------------------------------- commit semantics

@@ -267,7 +267,7 @@ class CaptureWriter:
         overwrite: bool = False,
         model: Mapping[str, Any] | None = None,
         capture_config: Mapping[str, Any] | None = None,
-        extra_token_columns: Sequence[str] = (),
+        extra_token_columns: Sequence[str] | Mapping[str, str] = (),
         fsync: bool = False,
     ) -> None:
         from llminstr import __version__
@@ -288,11 +288,25 @@ class CaptureWriter:
         )
         self._codec = ChunkCodec(self.codec_config)
         token_cols = [c for c, _ in TOKEN_COLUMNS]
+        if isinstance(extra_token_columns, str):
+            raise ConfigError(
+                "extra_token_columns must be a list of column names or a mapping of name to "
+                f"description, not one string ({extra_token_columns!r})"
+            )
+        descriptions: dict[str, str] = {}
         for extra in extra_token_columns:
             check_name(extra)
             if extra in token_cols:
                 raise ConfigError(f"token column {extra!r} is declared twice")
             token_cols.append(extra)
+            if isinstance(extra_token_columns, Mapping):
+                text = extra_token_columns[extra]
+                if not isinstance(text, str):
+                    raise ConfigError(
+                        f"the description of token column {extra!r} must be a string; got "
+                        f"{type(text).__name__}"
+                    )
+                descriptions[extra] = text
         if budget is None:
             budget = MemoryBudget(1 << 30 if memory_budget_bytes is None else memory_budget_bytes)
         self.budget = budget
@@ -337,7 +351,7 @@ class CaptureWriter:
                 "int64",
                 (),
                 chunk_rows,
-                token_document(col, self.codec_config, chunk_rows),
+                token_document(col, self.codec_config, chunk_rows, descriptions.get(col)),
             )
             for col in token_cols
         ]
