@@ -194,12 +194,12 @@ class CaptureSession:
     def attach(self) -> None:
         try:
             self._handles.append(
-                self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+                self.model.register_forward_pre_hook(_Hook(self._pre_hook), with_kwargs=True)
             )
             for i, (_spec, module) in enumerate(self.sites):
-                self._handles.append(module.register_forward_hook(self._make_site_hook(i)))
+                self._handles.append(module.register_forward_hook(_Hook(self._make_site_hook(i))))
             self._handles.append(
-                self.model.register_forward_hook(self._post_hook, always_call=True)
+                self.model.register_forward_hook(_Hook(self._post_hook), always_call=True)
             )
         except BaseException:
             self.detach()
@@ -569,6 +569,29 @@ _CONCURRENT = (
     "pass is being captured: rows would mix. Call the model from one thread at a time "
     "during a capture"
 )
+
+
+def _inert_hook(*args: Any, **kwargs: Any) -> None:
+    """What a copy of an instrumented model gets in place of the capture's hooks."""
+    return None
+
+
+class _Hook:
+    """A capture hook as registered on a module. ``copy.deepcopy`` of the model during a
+    capture copies its hook tables: the copy gets :func:`_inert_hook` (it is not
+    instrumented, and records nothing), instead of failing on the session's locks or, for
+    the site hooks, recording into the original's capture."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Callable[..., None]:
+        return _inert_hook
 
 
 def _in_backward() -> bool:

@@ -3,6 +3,7 @@ architectures and dtypes; instrumentation never changes outputs; context-manager
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
@@ -264,6 +265,30 @@ def test_keyboard_interrupt_marks_aborted(tmp_path) -> None:
         raise KeyboardInterrupt
     cap = open_capture(tmp_path / "c.h5")
     assert (cap.status, cap.num_rows) == ("aborted", 4)
+
+
+def test_deepcopy_during_a_capture_gives_an_uninstrumented_copy(tmp_path) -> None:
+    model = _tiny("gpt2")
+    fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1))
+    fw.instrument_model(model)
+    ids = torch.randint(3, 90, (1, 4))
+    with fw.capture_activations(tmp_path / "c.zarr"), torch.no_grad():
+        model(ids)
+        clone = copy.deepcopy(model)  # used to fail: cannot pickle '_thread.RLock'
+        a = clone(ids).logits  # records nothing, raises nothing
+        b = model(ids).logits  # the original keeps recording
+    assert torch.equal(a, b)
+    cap = open_capture(tmp_path / "c.zarr")
+    assert (cap.status, cap.num_rows) == ("complete", 8)
+    # the copy can be instrumented and captured on its own
+    fw2 = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1))
+    fw2.instrument_model(clone)
+    with fw2.capture_activations(tmp_path / "d.zarr"), torch.no_grad():
+        clone(ids)
+    d = open_capture(tmp_path / "d.zarr")
+    assert d.num_rows == 4
+    for site in cap.sites:
+        assert np.array_equal(d.read(site), cap.read(site, 0, 4))
 
 
 def test_state_errors(tmp_path) -> None:
