@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import llminstr_threads
-from test_capture import _check_rows_match
+from test_capture import MASK, PROMPTS, _check_rows_match, _tiny
 
 from llminstr import InstrumentationConfig, InstrumentationFramework, capture, staging
 from llminstr.errors import FormatError, LlminstrError
@@ -140,6 +140,22 @@ def test_generate_with_padding_through_the_stager(arch: str, fake: FakeOps, tmp_
     hooks bit for bit (the check of the direct path, run through the arenas)."""
     _check_rows_match(arch, torch.float32, tmp_path / "c.zarr")
     assert fake.allocated > 0, "the stand-in was used"
+
+
+def test_progress_counts_stored_rows_through_the_stager(
+    fake: FakeOps, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CUDA path resolves a pass's padding in its drain thread: the bar counts the
+    rows stored there, not the padded positions."""
+    model = _tiny("gpt2")
+    fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1, progress=True))
+    fw.instrument_model(model)
+    with fw.capture_activations(tmp_path / "p.zarr"), torch.no_grad():
+        model(PROMPTS, attention_mask=MASK)  # 18 positions, 14 real tokens
+    err = capsys.readouterr().err
+    assert fake.allocated > 0, "the stand-in was used"
+    assert "capture: 14 rows" in err and "18 rows" not in err, err
+    assert open_capture(tmp_path / "p.zarr").num_rows == 14
 
 
 def test_bf16_through_the_stager(fake: FakeOps, tmp_path: Path) -> None:
