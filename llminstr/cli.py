@@ -1,4 +1,5 @@
-"""The ``llminstr`` command line: demo, capture, info, validate, analyze, report, convert.
+"""The ``llminstr`` command line: demo, capture, info, validate, repair, analyze, report,
+convert.
 
 Exit codes: 0 success, 1 the capture failed validation, 2 bad input or a library error.
 """
@@ -292,6 +293,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_repair(args: argparse.Namespace) -> int:
+    from llminstr.tools import repair
+
+    result = repair(args.path)
+    if result["repaired"]:
+        print(
+            f"{args.path}: cleared the open-for-writing mark; {result['status']}, "
+            f"{result['rows']} rows"
+        )
+    else:
+        print(f"{args.path}: nothing to repair; {result['status']}, {result['rows']} rows")
+    return EXIT_OK
+
+
 def _bar(args: argparse.Namespace, desc: str, unit: str) -> Any:
     if getattr(args, "quiet", False) or not sys.stderr.isatty():
         return None
@@ -567,6 +582,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("path")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser(
+        "repair",
+        help="clear the open-for-writing mark an HDF5 capture keeps when its writer was "
+        "killed at close (like h5clear -s)",
+    )
+    p.add_argument("path")
+    p.set_defaults(func=cmd_repair)
 
     p = sub.add_parser(
         "analyze", help="statistics, SAE features and causal graph -> JSON + safetensors"

@@ -21,6 +21,7 @@ from typing import Any, cast
 import numpy as np
 
 from llminstr.errors import (
+    CaptureLockedError,
     CaptureNotFoundError,
     ConfigError,
     CorruptChunkError,
@@ -109,6 +110,14 @@ def _hdf5_end_of_file(path: str) -> tuple[int, int] | None:
 #: live SWMR writer) before calling it truncated. HDF5 skips this check for SWMR readers
 #: and then retries its reads past the end without end.
 HDF5_GROW_WAIT_S = 2.0
+
+
+#: How long a reader retries an HDF5 file that another program holds locked (opened for
+#: writing without SWMR) before giving up with :class:`CaptureLockedError`.
+HDF5_LOCK_WAIT_S = 2.0
+
+#: HDF5's messages for a file whose superblock says "open for writing without SWMR".
+_H5_WRITE_MARKS = ("not already open for SWMR writing", "already open for write")
 
 
 def _check_hdf5_length(path: str) -> None:
@@ -338,7 +347,19 @@ def _h5_file(path: str) -> Any:
         if f.id.valid:
             f.close()
     _check_hdf5_length(path)
-    f = h5py.File(path, "r", swmr=True, libver=("v110", "v110"))
+    deadline = time.monotonic() + HDF5_LOCK_WAIT_S
+    while True:
+        try:
+            f = h5py.File(path, "r", swmr=True, libver=("v110", "v110"))
+            break
+        except OSError as exc:
+            # HDF5's file lock (or, with locking off, the superblock's open-for-writing
+            # mark) of a program that has the file open for writing without SWMR:
+            # llminstr's own writer does so for milliseconds at close (section 7.3).
+            held = isinstance(exc, BlockingIOError) or any(m in str(exc) for m in _H5_WRITE_MARKS)
+            if not held or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
     _H5_FILES[path] = (f, identity)
     _H5_SETTLED.discard(id(f))
     return f
@@ -620,7 +641,21 @@ class Capture:
             known = _H5_FILES.get(str(self.path))
             try:
                 f = _h5_file(str(self.path))
+            except BlockingIOError as exc:
+                raise CaptureLockedError(
+                    f"{where} is locked by a program that has it open for writing without "
+                    f"SWMR (waited {HDF5_LOCK_WAIT_S:g} s); try again when it has closed it"
+                ) from exc
             except (OSError, RuntimeError) as exc:  # h5py raises either for a damaged file
+                if any(mark in str(exc) for mark in _H5_WRITE_MARKS):
+                    raise CaptureLockedError(
+                        f"{where} is marked open for writing by a program that does not use "
+                        "SWMR, so HDF5 refuses to open it for reading. Either such a program "
+                        "is writing it now, or one was killed while it had the file open (a "
+                        "llminstr writer does so for a few milliseconds at close, SPEC section "
+                        "7.3). If nothing is writing it, `llminstr repair PATH` clears the mark "
+                        f"and keeps every committed row. ({exc})"
+                    ) from exc
                 raise NotACaptureError(f"{where} could not be opened as HDF5: {exc}") from exc
             raw = f.attrs.get(ATTR_KEY)
             if raw is None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from llminstr.errors import ConfigError, LlminstrError
+from llminstr.errors import CaptureLockedError, ConfigError, FormatError, LlminstrError
 from llminstr.format import ACTIVATIONS_GROUP, TOKENS_GROUP, SiteInfo
 from llminstr.reader import Capture, open_capture
 
@@ -203,3 +203,122 @@ def convert(
         writer.close("aborted", meta.get("error") or f"source capture was {cap.status}")
     cap.close()
     return Path(dst)
+
+
+# --------------------------------------------------------------------------- repair
+def _lookup3(data: bytes) -> int:
+    """Bob Jenkins' lookup3 ``hashlittle`` with initial value 0: the checksum of HDF5
+    superblocks of versions 2 and 3 (``H5_checksum_lookup3``)."""
+    m = 0xFFFFFFFF
+
+    def rot(x: int, k: int) -> int:
+        return ((x << k) | (x >> (32 - k))) & m
+
+    n = len(data)
+    a = b = c = (0xDEADBEEF + n) & m
+    i = 0
+    while n - i > 12:
+        a = (a + int.from_bytes(data[i : i + 4], "little")) & m
+        b = (b + int.from_bytes(data[i + 4 : i + 8], "little")) & m
+        c = (c + int.from_bytes(data[i + 8 : i + 12], "little")) & m
+        a = (a - c) & m ^ rot(c, 4)
+        c = (c + b) & m
+        b = (b - a) & m ^ rot(a, 6)
+        a = (a + c) & m
+        c = (c - b) & m ^ rot(b, 8)
+        b = (b + a) & m
+        a = (a - c) & m ^ rot(c, 16)
+        c = (c + b) & m
+        b = (b - a) & m ^ rot(a, 19)
+        a = (a + c) & m
+        c = (c - b) & m ^ rot(b, 4)
+        b = (b + a) & m
+        i += 12
+    if n == i:
+        return c
+    tail = data[i:].ljust(12, b"\0")
+    a = (a + int.from_bytes(tail[0:4], "little")) & m
+    b = (b + int.from_bytes(tail[4:8], "little")) & m
+    c = (c + int.from_bytes(tail[8:12], "little")) & m
+    c = (c ^ b) - rot(b, 14) & m
+    a = (a ^ c) - rot(c, 11) & m
+    b = (b ^ a) - rot(a, 25) & m
+    c = (c ^ b) - rot(b, 16) & m
+    a = (a ^ c) - rot(c, 4) & m
+    b = (b ^ a) - rot(a, 14) & m
+    c = (c ^ b) - rot(b, 24) & m
+    return c
+
+
+#: Superblock status flags (HDF5 file format, version 3): bit 0 "open for writing", bit 2
+#: "open for SWMR writing".
+_OPEN_FOR_WRITE, _OPEN_FOR_SWMR = 0x01, 0x04
+
+
+def repair(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Clear the "open for writing" mark that an HDF5 capture keeps when the program
+    writing it without SWMR was killed (llminstr's writer is such a program for a few
+    milliseconds at close, SPEC section 7.3): HDF5 then refuses every read-only open. The
+    same as ``h5clear -s``, limited to that case: the file must be a capture's HDF5 file
+    with a version 2 or 3 superblock whose checksum holds, marked open for writing without
+    SWMR, and no program may hold it (HDF5's file lock) or write it (the capture's lock
+    file). Only the flags byte and the superblock checksum change. A file marked by a
+    crashed SWMR writer needs no repair (SWMR readers open it) and is left alone.
+
+    Returns ``{"path", "repaired", "flags_before", "status", "rows"}``."""
+    import fcntl
+
+    from llminstr.reader import HDF5_SIGNATURE, _open_regular, detect_backend
+    from llminstr.storage.writer import _PathLock
+
+    where = repr(str(path))
+    if detect_backend(Path(path)) != "hdf5":
+        raise ConfigError(f"{where} is a Zarr capture: only HDF5 captures can need a repair")
+    lock = _PathLock(Path(path))  # no llminstr writer is live (CaptureLockedError if one is)
+    try:
+        _open_regular(path, where, ConfigError).close()  # not a FIFO or a device
+        fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        try:
+            try:  # HDF5 holds an exclusive flock on a file it has open for writing
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise CaptureLockedError(
+                    f"{where} is open in a program that writes it (HDF5's file lock is held); "
+                    "nothing was changed"
+                ) from None
+            head = os.pread(fd, 64, 0)
+            if head[:8] != HDF5_SIGNATURE or len(head) < 12 or head[8] not in (2, 3):
+                raise FormatError(
+                    f"{where} has no HDF5 superblock of version 2 or 3 at offset 0; "
+                    "nothing was changed"
+                )
+            size = 12 + 4 * head[9]  # then the 4-byte checksum
+            if head[9] not in (2, 4, 8) or len(head) < size + 4:
+                raise FormatError(f"{where} has a superblock this repair does not know")
+            if _lookup3(head[:size]) != int.from_bytes(head[size : size + 4], "little"):
+                raise FormatError(
+                    f"{where}: the superblock's checksum does not match; nothing was changed"
+                )
+            flags = head[11]
+            repaired = bool(flags & _OPEN_FOR_WRITE) and not flags & _OPEN_FOR_SWMR
+            if repaired:
+                fixed = bytearray(head[:size])
+                fixed[11] = flags & ~_OPEN_FOR_WRITE
+                os.pwrite(fd, bytes(fixed[11:12]), 11)
+                os.pwrite(fd, _lookup3(bytes(fixed)).to_bytes(4, "little"), size)
+                os.fsync(fd)
+        finally:
+            os.close(fd)  # (drops the flock)
+    finally:
+        lock.release()
+    cap = open_capture(path)
+    try:
+        return {
+            "path": str(path),
+            "repaired": repaired,
+            "flags_before": flags,
+            "status": cap.status,
+            "rows": cap.num_rows,
+        }
+    finally:
+        cap.close()

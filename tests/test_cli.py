@@ -175,7 +175,10 @@ def test_convert_keeps_extra_token_columns_and_their_descriptions(tmp_path: Path
     with CaptureWriter(
         src, [SiteInfo("s", (3,))], chunk_rows=4, extra_token_columns={"batch": "loader batch"}
     ) as w:
-        w.append({c: np.arange(5) * (i + 1) for i, c in enumerate(cols)}, {"s": np.ones((5, 3), np.float32)})
+        w.append(
+            {c: np.arange(5) * (i + 1) for i, c in enumerate(cols)},
+            {"s": np.ones((5, 3), np.float32)},
+        )
     dst = tmp_path / "extra.h5"
     assert main(["convert", str(src), str(dst), "-q"]) == EXIT_OK
     out = open_capture(dst)

@@ -93,8 +93,8 @@ def test_reader_does_not_import_llminstr() -> None:
             imported.add((node.module or "").split(".")[0])
             assert node.level == 0, "relative imports would reach into a package"
     assert "llminstr" not in imported
-    assert imported <= {"__future__", "json", "math", "os", "re", "typing", "numpy", "zarr", "h5py",
-                        "hdf5plugin", "ml_dtypes"}  # fmt: skip
+    assert imported <= {"__future__", "json", "math", "os", "re", "time", "typing", "numpy", "zarr",
+                        "h5py", "hdf5plugin", "ml_dtypes"}  # fmt: skip
     assert "importlib" not in source and "__import__" not in source
 
 

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import time
 from typing import Any
 
 import numpy as np
@@ -148,7 +149,16 @@ def _read_hdf5(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.
         at, width = 12 + 2 * head[9], head[9]
         if size < int.from_bytes(head[at : at + width], "little"):
             raise CaptureFormatError(f"{path}: truncated HDF5 file")
-    with h5py.File(path, "r", swmr=True) as f:  # SWMR: crashed files open too (SPEC 6.4)
+    for attempt in range(100):  # SPEC 6.4: retry while a writer's final rewrite holds the file
+        try:
+            f = h5py.File(path, "r", swmr=True)  # SWMR: crashed files open too (SPEC 6.4)
+            break
+        except OSError as exc:
+            held = isinstance(exc, BlockingIOError) or "open for SWMR writing" in str(exc)
+            if not held or attempt == 99:
+                raise CaptureFormatError(f"{path}: HDF5 refuses to open it: {exc}") from exc
+            time.sleep(0.02)
+    with f:
         root = _parse(f.attrs["llminstr"], path)
         _check_root(root, path)
         rec = f["llminstr_commit"][...]
