@@ -470,10 +470,7 @@ class CaptureSession:
         if self._stager is not None:
             self._stager.wait_idle()  # rows sent during the first pass went to the buffer
         assert self._first_pass is not None
-        by_index = {
-            i: parts[0] if len(parts) == 1 else np.concatenate(parts)
-            for i, parts in self._first_pass.items()
-        }
+        by_index = self._first_pass
         infos = []
         for i, (spec, _module) in enumerate(self.sites):
             _key, _rows, feature, dtype = self._layouts[i]
@@ -508,13 +505,22 @@ class CaptureSession:
             extra_token_columns=self._extra_columns,
         )
         self._first_pass = None
-        # The writer takes its own budget for these rows as it copies them.
-        self.budget.release(self._first_bytes)
-        self._first_bytes = 0
         if self._first_tokens:
             self.writer.write_tokens(self._first_tokens)
-        for index, rows in by_index.items():
-            self.writer.write_site(self.sites[index][0].name, rows)
+        # The writer charges its own copies of these rows. Each site's rows stay charged
+        # until that site is written, and are dropped right after: a first pass that fills
+        # the budget overshoots it by at most one site's rows, not by all of them (which
+        # released the whole first pass up front, and concatenated parts, allowed).
+        for index in list(by_index):
+            parts = by_index.pop(index)
+            held = min(self._first_bytes, sum(p.nbytes for p in parts))
+            self.budget.release(held)
+            self._first_bytes -= held
+            name = self.sites[index][0].name
+            while parts:
+                self.writer.write_site(name, parts.pop(0))
+        self.budget.release(self._first_bytes)
+        self._first_bytes = 0
         if self._stager is not None:
             # Arenas get two thirds of what the writer's minimum leaves; the writer keeps
             # the rest for chunk buffers and frames in flight (see docs/decisions.md).

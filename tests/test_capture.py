@@ -485,6 +485,35 @@ def test_cuda_tensor_modified_after_hook_is_captured_as_it_was(tmp_path) -> None
     assert np.array_equal(got[: want.shape[0]], want)
 
 
+def test_first_pass_rows_stay_charged_until_their_site_is_written(tmp_path, monkeypatch) -> None:
+    """The first pass's rows are charged to the budget until the writer has copied their
+    site: releasing them all before the copies let the writer's buffers and the uncounted
+    rows together exceed max_memory_gb (up to 1.6x, measured)."""
+    from llminstr.storage.writer import CaptureWriter
+
+    seen: list[tuple[str, int, int]] = []
+    original = CaptureWriter.write_site
+    model = _tiny("gpt2")
+    fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1))
+
+    def spy(self: CaptureWriter, name: str, rows: Any) -> None:
+        session = fw._session
+        assert session is not None
+        seen.append((name, session._first_bytes, rows.nbytes))  # still charged first-pass bytes
+        original(self, name, rows)
+
+    monkeypatch.setattr(CaptureWriter, "write_site", spy)
+    fw.instrument_model(model)
+    with fw.capture_activations(tmp_path / "c.zarr"), torch.no_grad():
+        model(torch.randint(3, 90, (2, 8)))
+    sites = open_capture(tmp_path / "c.zarr").sites
+    assert [name for name, _, _ in seen] == sites  # one write per site, no concatenated copy
+    site_bytes = [nbytes for _, _, nbytes in seen]
+    for i, (_name, charged, _nbytes) in enumerate(seen):
+        # the sites not yet written are still charged when this one is copied
+        assert charged == sum(site_bytes[i + 1 :]), (i, charged, site_bytes)
+
+
 def test_progress_line_shows_rows_bytes_rate_and_buffer(tmp_path, capsys) -> None:
     model = _tiny("gpt2")
     fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1, progress=True))
