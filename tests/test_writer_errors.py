@@ -29,7 +29,7 @@ from llminstr.format import SiteInfo
 from llminstr.reader import open_capture
 from llminstr.storage import backends as backends_mod
 from llminstr.storage import codec as codec_mod
-from llminstr.storage.writer import CaptureWriter
+from llminstr.storage.writer import CaptureWriter, auto_chunk_rows
 
 
 def rows(n: int, width: int, start: int = 0) -> np.ndarray:
@@ -751,3 +751,31 @@ def test_writer_refuses_what_the_spec_rules_out_before_creating_anything(tmp_pat
         with pytest.raises(ConfigError, match=message):
             make()
         assert not path.exists()
+
+
+@pytest.mark.parametrize(
+    ("row_bytes", "budget", "expected"),
+    [
+        ([3072] * 4 + [8] * 4, 1 << 30, 1024),  # ~4 MiB of the widest array
+        ([4_000_000] + [8] * 4, 50_000_000, 1),  # rows so wide the budget holds few
+        ([400_000] + [8] * 4, 50_000_000, 8),  # the budget's rule allows 15: not forced to 16
+        ([100] + [8] * 4, 1 << 30, 32768),
+        ([8] * 5, 1 << 40, 65536),  # capped
+    ],
+)
+def test_auto_chunk_rows(row_bytes: list[int], budget: int, expected: int) -> None:
+    assert auto_chunk_rows(row_bytes, budget) == expected
+
+
+def test_automatic_chunks_fit_rows_wider_than_the_minimum_allows(tmp_path: Path) -> None:
+    """A 1e6-feature site in a 50 MB budget: 16-row chunks (the old forced minimum) need
+    256 MB and were refused; automatic chunking now picks what the budget holds."""
+    site = SiteInfo("wide", (1_000_000,))
+    with CaptureWriter(tmp_path / "w.zarr", [site], memory_budget_bytes=50_000_000) as w:
+        assert w.chunk_rows == 1
+        rows = np.arange(3 * 1_000_000, dtype=np.float32).reshape(3, -1)
+        w.append(
+            {c: np.arange(3) for c in ("token_id", "sequence", "position", "step")}, {"wide": rows}
+        )
+        assert w.budget.peak <= 50_000_000
+    assert np.array_equal(open_capture(tmp_path / "w.zarr").read("wide"), rows)

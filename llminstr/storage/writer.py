@@ -91,13 +91,15 @@ def backend_for_path(path: Path, backend: str | None) -> str:
 
 def auto_chunk_rows(row_bytes: Sequence[int], budget_bytes: int) -> int:
     """Rows per chunk: ~4 MiB for the widest array, and small enough that one chunk buffer
-    per array plus as many in flight again fits in a quarter of the budget."""
+    per array plus as many in flight again fits in a quarter of the budget. At least
+    ``MIN_CHUNK_ROWS`` where that rule allows it, else as many as it allows (at least one):
+    rows so wide that the budget holds only a few are chunked one or two at a time rather
+    than refused."""
     widest = max(row_bytes)
     total = sum(row_bytes)
-    rows = DEFAULT_CHUNK_BYTES // widest
-    rows = min(rows, budget_bytes // (4 * 2 * total))
-    rows = min(rows, MAX_AUTO_CHUNK_ROWS)
-    rows = max(rows, MIN_CHUNK_ROWS)
+    fits = budget_bytes // (4 * 2 * total)
+    rows = min(DEFAULT_CHUNK_BYTES // widest, fits, MAX_AUTO_CHUNK_ROWS)
+    rows = max(rows, min(MIN_CHUNK_ROWS, fits), 1)
     return int(2 ** math.floor(math.log2(rows)))
 
 
