@@ -366,3 +366,37 @@ def test_nonfinite_rows_are_refused_not_trained_into_nan_weights(tmp_path: Path)
 def test_cuda_device_is_refused_up_front_without_cuda() -> None:
     with pytest.raises(ConfigError, match="CUDA is not available"):
         SAEConfig(device="cuda")
+
+
+def test_training_batches_hold_one_block_not_copies_of_it(tmp_path: Path) -> None:
+    """With storage chunks much larger than the shuffle buffer, the batches are cut from
+    the block being read: numpy memory stays at what reading one block takes plus the
+    buffers (whole blocks were filtered, concatenated and permuted: 4.9 chunks)."""
+    import tracemalloc
+
+    from llminstr.analysis import sae as sae_mod
+
+    rows, width, chunk = 4 * 8192, 256, 8192
+    path = tmp_path / "wide.zarr"
+    x = np.random.default_rng(0).standard_normal((rows, width)).astype(np.float32)
+    with CaptureWriter(path, [SiteInfo("s", (width,))], chunk_rows=chunk) as w:
+        w.append(token_columns(np.arange(rows)), {"s": x})
+    del x
+    blocks, _ = sae_mod._blocks_for(open_capture(path), "s", None, None)
+    cfg = SAEConfig(n_features=8, k=2, batch_size=128, shuffle_buffer_rows=512, epochs=1).resolved(
+        width
+    )
+    chunk_bytes = chunk * width * 4
+    blocks.read(0)  # warm the reader
+    tracemalloc.start()
+    try:
+        seen = 0
+        for xb, rb in sae_mod._training_batches(blocks, cfg, np.random.default_rng(0), cycle=False):
+            assert xb.shape[1] == width and len(xb) == len(rb)
+            seen += len(rb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert seen == int((~held_out_mask(np.arange(rows), cfg.held_out_fraction, cfg.seed)).sum())
+    # reading a block holds its frame and the decoded chunk (2 chunks); before: 4.9
+    assert peak < 2.6 * chunk_bytes, peak / chunk_bytes

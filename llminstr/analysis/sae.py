@@ -122,7 +122,9 @@ class SAEConfig:
     device
         Torch device to train on (``"cpu"``, ``"cuda"``, ``"cuda:1"`` ...).
     shuffle_buffer_rows
-        Rows held in the shuffle buffer; bounds training memory together with one chunk.
+        Rows held in the shuffle buffer. Training holds the block being read (one storage
+        chunk, about twice its size while it is read and decompressed) plus about two
+        shuffle buffers; evaluation holds the block plus batches of at least 1024 rows.
     held_out_fraction
         Fraction of rows (in ``[0, 1)``) never trained on; the FVU is measured on them.
     normalize
@@ -494,6 +496,11 @@ def _training_batches(
     """
     cap = cfg.shuffle_buffer_rows
     bs = cfg.batch_size
+    # A block enters the buffer in pieces of at most half the buffer, its training rows
+    # taken in a random order: memory stays at one block plus about two buffers, however
+    # large the storage chunks (whole blocks used to be concatenated and permuted, four
+    # copies of a chunk at once).
+    piece = max(1, cap // 2)
     buf_x: list[np.ndarray] = []
     buf_r: list[np.ndarray] = []
     size = 0
@@ -503,25 +510,27 @@ def _training_batches(
         seen = 0
         for i in rng.permutation(len(blocks)):
             x, r = blocks.read(int(i))
-            keep = ~held_out_mask(r, cfg.held_out_fraction, cfg.seed)
-            if not keep.all():
-                x, r = x[keep], r[keep]
-            if len(r) == 0:
-                continue
-            buf_x.append(x)
-            buf_r.append(r)
-            size += len(r)
-            seen += len(r)
-            if size >= cap:
-                X, R = np.concatenate(buf_x), np.concatenate(buf_r)
-                perm = rng.permutation(size)
-                X, R = X[perm], R[perm]
-                emit = ((size - cap // 2) // bs) * bs
-                for j in range(0, emit, bs):
-                    yield X[j : j + bs], R[j : j + bs]
-                emitted = emitted or emit > 0
-                buf_x, buf_r = [X[emit:]], [R[emit:]]
-                size -= emit
+            order = np.flatnonzero(~held_out_mask(r, cfg.held_out_fraction, cfg.seed))
+            rng.shuffle(order)
+            seen += len(order)
+            for lo in range(0, len(order), piece):
+                take = order[lo : lo + piece]
+                buf_x.append(x[take])
+                buf_r.append(r[take])
+                size += len(take)
+                if size >= cap:
+                    X, R = np.concatenate(buf_x), np.concatenate(buf_r)
+                    buf_x, buf_r = [], []
+                    perm = rng.permutation(size)
+                    X, R = X[perm], R[perm]
+                    emit = ((size - cap // 2) // bs) * bs
+                    for j in range(0, emit, bs):
+                        yield X[j : j + bs], R[j : j + bs]
+                    emitted = emitted or emit > 0
+                    buf_x, buf_r = [X[emit:].copy()], [R[emit:].copy()]
+                    del X, R
+                    size -= emit
+            del x, r
         epoch += 1
         if seen == 0:
             break  # every row is held out: nothing to train on, in any epoch
@@ -549,11 +558,12 @@ def _init_sample(blocks: _Blocks, cfg: SAEConfig, rng: np.random.Generator) -> n
     n = 0
     for i in rng.permutation(len(blocks)):
         x, r = blocks.read(int(i))
-        x = x[~held_out_mask(r, cfg.held_out_fraction, cfg.seed)]
-        if len(x) > cfg.init_rows - n:
-            x = x[rng.choice(len(x), cfg.init_rows - n, replace=False)]
-        got.append(x)
-        n += len(x)
+        idx = np.flatnonzero(~held_out_mask(r, cfg.held_out_fraction, cfg.seed))
+        if len(idx) > cfg.init_rows - n:
+            idx = idx[rng.choice(len(idx), cfg.init_rows - n, replace=False)]
+        got.append(x[idx])  # the rows taken, not a copy of the whole block first
+        del x
+        n += len(idx)
         if n >= cfg.init_rows:
             break
     sample = np.concatenate(got) if got else np.empty((0, blocks.d_in), np.float32)
@@ -755,7 +765,9 @@ def _evaluate(
     acc: dict[str, list[Any]] = {
         key: [0.0, np.zeros(blocks.d_in), np.zeros(blocks.d_in), 0] for key in ("held", "train")
     }
-    eval_bs = max(cfg.batch_size, 4096)
+    # Rows per evaluation batch: its float64 copies (for the FVU sums) and the encoder's
+    # pre-activations are a few times this many rows, on top of the block being read.
+    eval_bs = max(cfg.batch_size, 1024)
     for i in range(len(blocks)):
         x_np, rows = blocks.read(i)
         toks = blocks.tokens(i)
