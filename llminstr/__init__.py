@@ -9,7 +9,22 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from llminstr.config import HookGranularity, InstrumentationConfig
-from llminstr.errors import LlminstrError
+from llminstr.errors import (
+    CaptureExistsError,
+    CaptureLockedError,
+    CaptureNotFoundError,
+    CaptureStateError,
+    ConfigError,
+    CorruptChunkError,
+    FormatError,
+    LlminstrError,
+    NoSitesFoundError,
+    NotACaptureError,
+    SiteNotFoundError,
+    UnsupportedVersionError,
+    WriterClosedError,
+    WriterFailedError,
+)
 
 __version__ = "0.1.0"
 
@@ -42,12 +57,25 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Capture",
+    "CaptureExistsError",
+    "CaptureLockedError",
+    "CaptureNotFoundError",
+    "CaptureStateError",
     "CaptureWriter",
+    "ConfigError",
+    "CorruptChunkError",
+    "FormatError",
     "HookGranularity",
     "InstrumentationConfig",
     "InstrumentationFramework",
     "LlminstrError",
+    "NoSitesFoundError",
+    "NotACaptureError",
     "SiteInfo",
+    "SiteNotFoundError",
+    "UnsupportedVersionError",
+    "WriterClosedError",
+    "WriterFailedError",
     "__version__",
     "analyze_activations",
     "compute",

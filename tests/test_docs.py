@@ -12,15 +12,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
-# The README's five-line example names a model and its inputs; the docs build their own.
-PREAMBLE = """
-import torch
-from llminstr.demo import load_demo_model
-model, _tok = load_demo_model()
-_enc = _tok(["The with statement", "Lambdas"], add_bos=True)
-input_ids, mask = _enc["input_ids"], _enc["attention_mask"]
-"""
-
 
 def _blocks(path: Path) -> list[str]:
     return BLOCK.findall(path.read_text(encoding="utf-8"))
@@ -30,7 +21,6 @@ def _blocks(path: Path) -> list[str]:
 def test_doc_examples_run(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {"__name__": "__doc_example__"}
-    exec(compile(PREAMBLE, "<preamble>", "exec"), namespace)
     for i, block in enumerate(_blocks(path)):
         code = compile(block, f"{path.name}[block {i}]", "exec")
         exec(code, namespace)  # a failure names the file and block
@@ -62,3 +52,6 @@ def test_api_reference_matches_the_code() -> None:
 
     for err in re.findall(r"`(\w+Error)`", text):
         assert hasattr(errors, err) or hasattr(builtins, err), err
+        if hasattr(errors, err):  # "importable from llminstr too"
+            assert getattr(llminstr, err) is getattr(errors, err)
+            assert err in llminstr.__all__
