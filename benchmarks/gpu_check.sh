@@ -7,7 +7,8 @@
 # the capture benchmarks on the GPU, the cost of one small copy (benchmarks/gpu_copy_probe.py),
 # and the overhead runs again with deferred copies; each
 # section prints a short table. About 5 minutes on an H100: give the device call
-# timeout_s=600. Full logs go to $OUT (default /tmp/llminstr-gpu).
+# timeout_s=600. Full logs go to $OUT (default /tmp/llminstr-gpu). For Python stacks of a
+# captured generate, run benchmarks/gpu_pyspy.sh (about 1.5 minutes) instead.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/llminstr-gpu}

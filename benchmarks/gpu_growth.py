@@ -34,6 +34,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--bins", type=int, default=6)
+    ap.add_argument(
+        "--captured-only",
+        action="store_true",
+        help="only warm up and run one captured generate (for an outside profiler: "
+        "py-spy record --native -- python benchmarks/gpu_growth.py --captured-only)",
+    )
     args = ap.parse_args()
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -59,6 +65,12 @@ def main() -> None:
     run()
     with fw.capture_activations(tmp / "warm.zarr", overwrite=True):
         run()
+    if args.captured_only:
+        t = time.perf_counter()
+        with fw.capture_activations(tmp / "only.zarr", overwrite=True):
+            steps = run()
+        print(f"captured generate: {time.perf_counter() - t:.3f} s, {len(steps) + 1} steps")
+        return
     plain = run()
     with fw.capture_activations(tmp / "c.zarr", overwrite=True):
         captured = run()
