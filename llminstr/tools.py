@@ -9,7 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from llminstr.errors import CaptureLockedError, ConfigError, FormatError, LlminstrError
+from llminstr.errors import (
+    CaptureLockedError,
+    ConfigError,
+    CorruptChunkError,
+    FormatError,
+    LlminstrError,
+)
 from llminstr.format import ACTIVATIONS_GROUP, TOKENS_GROUP, SiteInfo
 from llminstr.reader import Capture, open_capture
 
@@ -182,16 +188,27 @@ def convert(
         capture_config=meta.get("capture_config"),
         extra_token_columns=extra,
     )
+
+    def copy_rows(start: int, stop: int) -> None:
+        tokens = cap.token_table(start, stop)
+        acts = {
+            name: cap._source(f"{ACTIVATIONS_GROUP}/{name}", name).read_rows(start, stop)
+            for name in cap.sites
+        }
+        writer.append(tokens, acts)
+
     try:
         block = max(cap.chunk_rows, rows_per_block // cap.chunk_rows * cap.chunk_rows)
         for start in range(0, cap.num_rows, block):
             stop = min(cap.num_rows, start + block)
-            tokens = cap.token_table(start, stop)
-            acts = {
-                name: cap._source(f"{ACTIVATIONS_GROUP}/{name}", name).read_rows(start, stop)
-                for name in cap.sites
-            }
-            writer.append(tokens, acts)
+            try:
+                copy_rows(start, stop)
+            except CorruptChunkError:
+                # Keep every row before the damaged chunk: redo this block chunk by chunk
+                # (the failed read appended nothing), then let the error end the copy.
+                for lo in range(start, stop, cap.chunk_rows):
+                    copy_rows(lo, min(stop, lo + cap.chunk_rows))
+                raise  # (not reached: the same chunk fails again)
             if on_progress is not None:
                 on_progress(stop, cap.num_rows)
     except BaseException as exc:

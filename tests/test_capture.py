@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from llminstr import HookGranularity, InstrumentationConfig, InstrumentationFramework
-from llminstr.errors import CaptureStateError, ConfigError, LlminstrError
+from llminstr.errors import CaptureStateError, ConfigError, FormatError, LlminstrError
 from llminstr.reader import open_capture
 
 transformers.logging.set_verbosity_error()
@@ -150,6 +150,89 @@ def _check_rows_match(arch: str, dtype: torch.dtype, path) -> None:
         ids = tok["token_id"][sel][np.argsort(tok["position"][sel])]
         real_prompt = PROMPTS[b][MASK[b].bool()].tolist()
         assert ids.tolist() == real_prompt + gen[b, :-1].tolist()
+
+
+def test_a_compiled_model_with_an_attention_mask(tmp_path) -> None:
+    """torch.compile traced into the hooks (and failed on their numpy bookkeeping with a
+    mask: cumsum of a bool array); the hooks now run eagerly. Rows match independent hooks
+    on the uncompiled model to float32 rounding (the compiled graph may order its float
+    operations differently), token by token."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = _tiny("llama")
+    fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1, chunk_rows=8))
+    specs = fw.instrument_model(model)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        expected = _reference_rows(model, {s.name: modules[s.module_path] for s in specs})
+    compiled = torch.compile(model, backend="eager")
+    try:
+        with fw.capture_activations(tmp_path / "c.zarr"), torch.no_grad():
+            compiled(PROMPTS, attention_mask=MASK)
+    finally:
+        torch._dynamo.reset()
+    cap = open_capture(tmp_path / "c.zarr")
+    assert (cap.status, cap.num_rows) == ("complete", int(MASK.sum()))
+    for s in specs:
+        np.testing.assert_allclose(
+            cap.read(s.name), expected[s.name][: cap.num_rows], rtol=1e-5, atol=1e-6, err_msg=s.name
+        )
+    real = MASK.bool()
+    assert np.array_equal(cap.token_table()["token_id"], PROMPTS[real].numpy())
+
+
+def test_a_model_compiled_and_run_before_instrumenting_gets_a_hint(tmp_path) -> None:
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = _tiny("llama")
+    compiled = torch.compile(model, backend="eager")
+    ids = torch.randint(3, 90, (2, 5))
+    try:
+        with torch.no_grad():
+            compiled(ids)  # its graph is cached without llminstr's hooks
+        fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1))
+        fw.instrument_model(model)
+        with (
+            pytest.raises(FormatError, match=r"None of them ran: .*torch\.compile"),
+            fw.capture_activations(tmp_path / "c.zarr"),
+            torch.no_grad(),
+        ):
+            compiled(ids)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_a_site_whose_dtype_changes_between_passes_is_named(tmp_path) -> None:
+    model = _tiny("llama")
+    fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1))
+    fw.instrument_model(model)
+    ids = torch.randint(3, 90, (2, 5))
+    with (
+        pytest.raises(
+            FormatError,
+            match=r"produced torch.float32 rows in an earlier pass and "
+            r"torch.bfloat16 now .*Set storage_dtype",
+        ),
+        fw.capture_activations(tmp_path / "c.zarr"),
+        torch.no_grad(),
+    ):
+        model(ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(ids)
+    cap = open_capture(tmp_path / "c.zarr")
+    assert (cap.status, cap.num_rows) == ("aborted", 10)  # the first pass is kept
+    # storage_dtype converts every pass to one dtype
+    fw2 = InstrumentationFramework(
+        InstrumentationConfig(max_memory_gb=0.1, storage_dtype="float32")
+    )
+    fw2.instrument_model(model)
+    with fw2.capture_activations(tmp_path / "d.zarr"), torch.no_grad():
+        model(ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(ids)
+    assert open_capture(tmp_path / "d.zarr").num_rows == 20
 
 
 def test_token_columns_and_sequences_across_calls(tmp_path) -> None:

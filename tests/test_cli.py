@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from llminstr.cli import EXIT_ERROR, EXIT_INVALID, EXIT_OK, main
+from llminstr.errors import CorruptChunkError
 from llminstr.format import SiteInfo
 from llminstr.reader import open_capture
 from llminstr.storage.writer import CaptureWriter
+from llminstr.tools import convert
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +73,25 @@ def test_validate_ok_then_corrupt(
     assert main(["validate", str(broken)]) == EXIT_INVALID
     err = capsys.readouterr().err
     assert "chunk 0 of site 'transformer.h.2'" in err and "CRC32C" in err
+
+
+def test_convert_keeps_the_rows_before_a_corrupt_chunk(tmp_path: Path) -> None:
+    src = tmp_path / "src.zarr"
+    cols = ("token_id", "sequence", "position", "step")
+    x = np.arange(40 * 3, dtype=np.float32).reshape(40, 3)
+    with CaptureWriter(src, [SiteInfo("s", (3,))], chunk_rows=8) as w:
+        w.append({c: np.arange(40) for c in cols}, {"s": x})
+    chunk = src / "activations" / "s" / "c" / "2" / "0"  # rows 16..23
+    data = bytearray(chunk.read_bytes())
+    data[-1] ^= 0xFF  # the CRC32C no longer matches
+    chunk.write_bytes(bytes(data))
+    dst = tmp_path / "dst.h5"
+    with pytest.raises(CorruptChunkError, match="chunk 2 of site 's'"):
+        convert(src, dst)
+    out = open_capture(dst)
+    assert (out.status, out.num_rows) == ("aborted", 16)  # every row before the damage
+    assert np.array_equal(out.read("s"), x[:16])
+    assert "conversion failed" in out.metadata["error"]
 
 
 def test_bad_input_exit_code_and_message(
