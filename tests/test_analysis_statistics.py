@@ -28,6 +28,7 @@ from llminstr.analysis.statistics import (
     statistics_for_site,
     token_summary,
 )
+from llminstr.errors import ConfigError
 from llminstr.format import SiteInfo
 from llminstr.reader import _Source, open_capture
 from llminstr.storage.writer import CaptureWriter
@@ -729,3 +730,66 @@ def test_tiny_columns_keep_their_higher_moments(
     np.testing.assert_allclose(out["kurtosis"], ref["kurtosis"], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(out["skewness"], ref["skewness"], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(out["std"], ref["std"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["fused", "numpy"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_norms_of_tiny_rows_do_not_underflow(
+    kernel: str, dtype: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows of 1e-24 values: their float32 squares underflow, and their norms came out 0
+    (counted as zero norms). They are recomputed in float64."""
+    if kernel == "fused":
+        pytest.importorskip("numba")
+    from llminstr.analysis import statistics as stats_mod
+
+    monkeypatch.setattr(stats_mod, "KERNEL", kernel)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((256, 16)).astype(np.float32)
+    scale = 1e-6 if dtype == "float16" else 1e-24  # float16 holds nothing near 1e-24
+    x[::32] *= np.float32(scale)
+    stored = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+    x = x.astype(stored[dtype]).astype(np.float32)  # the values the capture holds
+    write(tmp_path / "c.zarr", {"s": x}, chunk_rows=64, dtypes={"s": dtype})
+    out = compute(statistics_for_site(open_capture(tmp_path / "c.zarr"), "s"))
+    norms = np.sqrt((x.astype(np.float64) ** 2).sum(axis=1))
+    rn = out["row_norm"]
+    assert rn["zero_count"] == 0
+    np.testing.assert_allclose(rn["min"], norms.min(), rtol=1e-6)
+    np.testing.assert_allclose(rn["max"], norms.max(), rtol=1e-6)
+    for q, value in rn["quantiles"].items():
+        want = np.quantile(norms, q, method="lower")
+        assert abs(value - want) <= rn["relative_accuracy"] * want * (1 + 1e-9), (q, value, want)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"relative_accuracy": 1e-12}, "relative_accuracy must be at least"),
+        ({"eps": 1e-50}, "eps must be at least"),
+        ({"quantiles": 0.5}, "quantiles must be a list"),
+        ({"quantiles": None}, "quantiles must be a list"),
+        ({"tokens": "no"}, "tokens must be True or False"),
+        ({"sites": 5}, "sites must be a site name or a list"),
+    ],
+)
+def test_statistics_options_are_checked_when_the_graph_is_built(
+    tmp_path: Path, options: dict[str, Any], match: str
+) -> None:
+    write(tmp_path / "c.zarr", {"s": np.ones((8, 4), np.float32)}, chunk_rows=4)
+    with pytest.raises(ConfigError, match=match):
+        compute_statistics(open_capture(tmp_path / "c.zarr"), **options)
+
+
+def test_numpy_numbers_are_accepted_as_statistics_options(tmp_path: Path) -> None:
+    write(tmp_path / "c.zarr", {"s": np.ones((8, 4), np.float32)}, chunk_rows=4)
+    out = compute(
+        compute_statistics(
+            open_capture(tmp_path / "c.zarr"),
+            quantiles=[np.float32(0.5)],
+            split_every=np.int64(4),
+            tokens=np.bool_(False),
+        )
+    )
+    assert list(out["sites"]["s"]["row_norm"]["quantiles"]) == [0.5]
+    assert out["tokens"] is None

@@ -400,3 +400,20 @@ def test_training_batches_hold_one_block_not_copies_of_it(tmp_path: Path) -> Non
     assert seen == int((~held_out_mask(np.arange(rows), cfg.held_out_fraction, cfg.seed)).sum())
     # reading a block holds its frame and the decoded chunk (2 chunks); before: 4.9
     assert peak < 2.6 * chunk_bytes, peak / chunk_bytes
+
+
+def test_default_k_fits_narrow_sites(tmp_path: Path) -> None:
+    """The documented default call on a 6-feature site: k defaulted to 32 and exceeded the
+    24 default features (a ConfigError before any statistics could run)."""
+    from llminstr.analysis import analyze_activations, compute
+
+    path = tmp_path / "narrow.zarr"
+    x = np.random.default_rng(0).standard_normal((300, 6)).astype(np.float32)
+    with CaptureWriter(path, [SiteInfo("s", (6,))], chunk_rows=64) as w:
+        w.append(token_columns(np.arange(300)), {"s": x})
+    out = compute(analyze_activations(path, sae_options={"steps": 5}))
+    cfg = out["sae_features"]["config"]
+    assert (cfg["n_features"], cfg["k"]) == (24, 6)
+    assert SAEConfig().resolved(768).k == 32  # wide sites keep the usual k
+    with pytest.raises(ConfigError, match=r"k \(40\) must not exceed n_features \(24\)"):
+        SAEConfig(k=40).resolved(6)  # an explicit k is kept, and checked

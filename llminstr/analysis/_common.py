@@ -81,6 +81,8 @@ def check_sites(capture: Capture, sites: str | Iterable[str] | None) -> list[str
     available = capture.sites
     if sites is None:
         return list(available)
+    if not isinstance(sites, (str, Iterable)):
+        raise ConfigError(f"sites must be a site name or a list of names; got {sites!r}")
     names: Sequence[Any] = [sites] if isinstance(sites, str) else list(sites)
     if not names:
         raise ConfigError(f"sites must name at least one site; the capture has {available}")

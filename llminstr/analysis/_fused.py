@@ -372,9 +372,42 @@ def _all_finite_py(power: Any, norm2: Any, vmin: Any, vmax: Any, limit: float) -
 _all_finite = numba.njit(nogil=True, cache=False)(_all_finite_py)
 
 
+#: Squared row norms below this are recomputed in float64: float32 squares of entries
+#: below about 1e-19 underflow (a row of 1e-24 values had norm 0).
+TINY_NORM2 = 1e-30
+
+
+def _refine_norms_f32_py(raw: Any, norm2: Any) -> None:
+    for i in range(raw.shape[0]):
+        if norm2[i] < TINY_NORM2:
+            total = 0.0
+            for j in range(raw.shape[1]):
+                v = np.float64(raw[i, j])
+                total += v * v
+            norm2[i] = total
+
+
+def _refine_norms_u16_py(raw: Any, half: bool, norm2: Any) -> None:
+    bits = np.empty(raw.shape[1], np.int32)
+    buf = bits.view(np.float32)
+    for i in range(raw.shape[0]):
+        if norm2[i] < TINY_NORM2:
+            _decode(raw[i], bits, buf, half)
+            total = 0.0
+            for j in range(raw.shape[1]):
+                v = np.float64(buf[j])
+                total += v * v
+            norm2[i] = total
+
+
+_refine_norms_f32 = _jit(_refine_norms_f32_py)
+_refine_norms_u16 = _jit(_refine_norms_u16_py)
+
+
 def _summary_f32_py(raw: Any, k: int, thresh: Any, log_gamma: float) -> Any:
     shift = _round_shift(_first_sums_f32(raw, k) / k)
     power, vmin, vmax, near, norm2 = _scan_f32(raw, shift, thresh)
+    _refine_norms_f32(raw, norm2)
     ok = _all_finite(power, norm2, vmin, vmax, np.inf)
     mean, m2, m3, m4 = _moments(raw.shape[0], shift, power)
     return ok, mean, m2, m3, m4, vmin, vmax, near, _norm_sketch(norm2, log_gamma)
@@ -383,6 +416,7 @@ def _summary_f32_py(raw: Any, k: int, thresh: Any, log_gamma: float) -> Any:
 def _summary_u16_py(raw: Any, half: bool, k: int, thresh: Any, log_gamma: float) -> Any:
     shift = _round_shift(_first_sums_u16(raw, half, k) / k)
     power, vmin, vmax, near, norm2 = _scan_u16(raw, half, shift, thresh)
+    _refine_norms_u16(raw, half, norm2)
     # float16: the integer decoding maps inf/NaN to magnitudes >= 65536
     ok = _all_finite(power, norm2, vmin, vmax, 65536.0 if half else np.inf)
     mean, m2, m3, m4 = _moments(raw.shape[0], shift, power)

@@ -106,7 +106,8 @@ class SAEConfig:
     n_features
         Number of latents (dictionary size). ``None``: 4 x the input width.
     k
-        Latents kept per row (the L0 target).
+        Latents kept per row (the L0 target). ``None``: ``min(32, n_features // 4)``, at
+        least 1 (so that the default call also runs on narrow sites).
     epochs
         Passes over the training rows (ignored when ``steps`` is given).
     steps
@@ -142,7 +143,7 @@ class SAEConfig:
     """
 
     n_features: int | None = None
-    k: int = 32
+    k: int | None = None
     epochs: int = 1
     steps: int | None = None
     batch_size: int = 1024
@@ -159,8 +160,8 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         _check_int("n_features", self.n_features, 1, allow_none=True)
-        _check_int("k", self.k, 1)
-        if self.n_features is not None and self.k > self.n_features:
+        _check_int("k", self.k, 1, allow_none=True)
+        if self.n_features is not None and self.k is not None and self.k > self.n_features:
             raise ConfigError(f"k ({self.k}) must not exceed n_features ({self.n_features})")
         _check_int("epochs", self.epochs, 1)
         _check_int("steps", self.steps, 1, allow_none=True)
@@ -189,12 +190,14 @@ class SAEConfig:
         _check_int("log_every", self.log_every, 1)
 
     def resolved(self, d_in: int) -> SAEConfig:
-        """This config with ``n_features`` and ``lr`` filled in for inputs of width ``d_in``."""
+        """This config with ``n_features``, ``k`` and ``lr`` filled in for inputs of width
+        ``d_in``."""
         n = self.n_features if self.n_features is not None else 4 * d_in
-        if self.k > n:
-            raise ConfigError(f"k ({self.k}) must not exceed n_features ({n})")
+        k = self.k if self.k is not None else min(32, max(1, n // 4))
+        if k > n:
+            raise ConfigError(f"k ({k}) must not exceed n_features ({n})")
         lr = self.lr if self.lr is not None else 2e-4 / math.sqrt(n / 2**14)
-        return dataclasses.replace(self, n_features=int(n), lr=float(lr))
+        return dataclasses.replace(self, n_features=int(n), k=int(k), lr=float(lr))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
@@ -246,7 +249,8 @@ class SAEResult:
         """Dense latents ``(rows, n_features)`` of raw (unscaled) activations ``x``."""
         xs = np.asarray(x, dtype=np.float32).reshape(-1, self.d_in) * np.float32(self.input_scale)
         pre = (xs - self.b_dec) @ self.W_enc.T + self.b_enc
-        k = int(self.config.k)
+        k = self.config.resolved(self.d_in).k  # (filled in already for trained SAEs)
+        assert k is not None
         idx = np.argpartition(-pre, k - 1, axis=1)[:, :k]
         out = np.zeros_like(pre)
         vals = np.take_along_axis(pre, idx, axis=1)
@@ -599,7 +603,7 @@ class _TopK:
     def __init__(self, d: int, cfg: SAEConfig, b_dec: np.ndarray) -> None:
         import torch
 
-        assert cfg.n_features is not None and cfg.lr is not None
+        assert cfg.n_features is not None and cfg.lr is not None and cfg.k is not None
         self.k = cfg.k
         self.n = cfg.n_features
         dev = torch.device(cfg.device)

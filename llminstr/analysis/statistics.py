@@ -27,8 +27,10 @@ How each statistic stays one-pass
 * **min / max / max_abs** are elementwise reductions; ``rms = sqrt(mean(x**2))``.
 * **near_zero_fraction**: the fraction of entries with ``|x| < eps``, compared in float32
   (the values as decoded to float32), counted exactly.
-* **Row norms** (L2 norm of each row's flattened features). Their count, mean, std, min
-  and max are exact; their quantiles come from a logarithmic histogram with fixed bin
+* **Row norms** (L2 norm of each row's flattened features), from float32 sums of
+  squares (float64 for rows whose squared norm is below 1e-30, where float32 squares
+  underflow). Their count is exact, and their mean, std, min and max are those of these
+  norms; their quantiles come from a logarithmic histogram with fixed bin
   edges ``gamma**i``, ``gamma = (1 + a) / (1 - a)`` for a relative accuracy ``a`` (a
   DDSketch-style sketch, default ``a = 0.005``). Bin edges do not depend on the data, so
   no range-finding pass is needed and block histograms merge by addition; the number of
@@ -42,9 +44,10 @@ How each statistic stays one-pass
   flattened feature vector, most extreme first (by ``max(max_abs/median, rms/median)``).
 
 Non-finite values. A block whose float32 sums come out non-finite (NaN/inf inputs, or
-float32 overflow of ``x**4`` for ``|x| > ~1e9``) is recomputed in float64. Statistics of
-a dimension that holds NaN/inf are NaN/inf, like numpy's; ``nonfinite_count`` counts
-such entries per dimension, and rows whose norm is not finite are left out of the row
+float32 overflow of ``x**4`` for ``|x| > ~1e9``) is recomputed in float64. In a dimension
+that holds NaN or inf, ``min``, ``max`` and ``max_abs`` are numpy's and the moments (mean,
+std, rms, skewness, kurtosis) are NaN (numpy's mean and rms of a column holding +inf
+are inf); ``nonfinite_count`` counts such entries per dimension, and rows whose norm is not finite are left out of the row
 norm statistics (counted in ``row_norm["nonfinite_count"]``).
 
 Token columns (:func:`token_summary`) are separate arrays; summarising them reads each
@@ -76,6 +79,9 @@ PASSES = 1
 DEFAULT_EPS = 1e-6
 DEFAULT_OUTLIER_FACTOR = 6.0
 DEFAULT_RELATIVE_ACCURACY = 0.005
+_TINY_NORM2 = 1e-30  # as _fused.TINY_NORM2 (numba is optional)
+#: Below this the norm histogram needs about 10**5 bins per decade of norms.
+MIN_RELATIVE_ACCURACY = 1e-5
 NORM_QUANTILES: tuple[float, ...] = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 DEFAULT_SPLIT_EVERY = 8
 #: Per-dimension outputs (numpy arrays of the site's feature shape once computed).
@@ -486,8 +492,18 @@ def site_block_partial(block: np.ndarray, eps: float, log_gamma: float) -> SiteP
         vmax=sc.vmax,
         near_zero=sc.near_zero,
         nonfinite=nonfinite,
-        norms=_norm_partial(sc.norm2, log_gamma),
+        norms=_norm_partial(_refine_tiny_norms(raw, sc.norm2), log_gamma),
     )
+
+
+def _refine_tiny_norms(raw: np.ndarray, norm2: np.ndarray) -> np.ndarray:
+    """Recompute in float64 the squared norms of rows whose float32 norm is below 1e-15
+    (``_fused.TINY_NORM2``): their float32 squares underflow. ``norm2`` is float64."""
+    tiny = norm2 < _TINY_NORM2
+    if tiny.any():
+        x = as_float32(raw[tiny]).astype(np.float64)
+        norm2[tiny] = np.einsum("ij,ij->i", x, x)
+    return norm2
 
 
 # ---------------------------------------------------------------------- merging
@@ -749,15 +765,31 @@ def _check_options(
     split_every: int,
 ) -> tuple[float, float, float, tuple[float, ...], int]:
     eps_v = _check_number("eps", eps, low=0.0)
+    if np.float32(eps_v) == 0:  # the comparison |x| < eps is made in float32
+        raise ConfigError(f"eps must be at least float32's smallest value (1.4e-45); got {eps!r}")
     factor = _check_number("outlier_factor", outlier_factor, low=0.0)
     acc = _check_number("relative_accuracy", relative_accuracy, low=0.0, high=1.0)
+    if acc < MIN_RELATIVE_ACCURACY:  # the histogram would need millions of bins per decade
+        raise ConfigError(
+            f"relative_accuracy must be at least {MIN_RELATIVE_ACCURACY:g}; got {relative_accuracy!r}"
+        )
+    if isinstance(quantiles, (str, bytes)) or not isinstance(quantiles, Iterable):
+        raise ConfigError(f"quantiles must be a list of numbers in [0, 1]; got {quantiles!r}")
     qs = tuple(quantiles)
     for q in qs:
-        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 <= q <= 1.0:
+        if (
+            isinstance(q, (bool, np.bool_))
+            or not isinstance(q, (int, float, np.integer, np.floating))
+            or not 0.0 <= q <= 1.0
+        ):
             raise ConfigError(f"quantiles must be numbers in [0, 1]; got {q!r}")
-    if isinstance(split_every, bool) or not isinstance(split_every, int) or split_every < 2:
+    if (
+        isinstance(split_every, (bool, np.bool_))
+        or not isinstance(split_every, (int, np.integer))
+        or split_every < 2
+    ):
         raise ConfigError(f"split_every must be an integer >= 2; got {split_every!r}")
-    return eps_v, factor, acc, tuple(float(q) for q in qs), split_every
+    return eps_v, factor, acc, tuple(float(q) for q in qs), int(split_every)
 
 
 def tree_reduce(parts: list[Delayed], merge: Callable[..., Any], split_every: int) -> Delayed:
@@ -949,10 +981,15 @@ def compute_statistics(
     "rows": [start, stop], "passes": 1}``. Compute it with ``llminstr.analysis.compute``
     (one ``dask.compute``: each chunk of each site is read once).
     """
+    if not isinstance(tokens, (bool, np.bool_)):
+        raise ConfigError(f"tokens must be True or False; got {tokens!r}")
     cap = as_capture(capture)
     names = check_sites(cap, sites)
     start, stop = resolve_rows(rows, cap.num_rows)
+    if isinstance(quantiles, (str, bytes)) or not isinstance(quantiles, Iterable):
+        raise ConfigError(f"quantiles must be a list of numbers in [0, 1]; got {quantiles!r}")
     qs = tuple(quantiles)
+    _check_options(eps, outlier_factor, relative_accuracy, qs, split_every)
     per_site = {
         name: statistics_for_site(
             cap,
