@@ -521,12 +521,18 @@ class CaptureSession:
             extra_token_columns=self._extra_columns,
         )
         self._first_pass = None
+        if self.budget.limit - self.budget.used < self.writer.floor_bytes:
+            # Too little left for the writer's own buffers while the first pass is still
+            # charged: its copies would wait forever for room the first pass holds.
+            self.budget.release(self._first_bytes)
+            self._first_bytes = 0
         if self._first_tokens:
             self.writer.write_tokens(self._first_tokens)
         # The writer charges its own copies of these rows. Each site's rows stay charged
-        # until that site is written, and are dropped right after: a first pass that fills
-        # the budget overshoots it by at most one site's rows, not by all of them (which
-        # released the whole first pass up front, and concatenated parts, allowed).
+        # until that site is written, and are dropped right after: a first pass overshoots
+        # the budget by at most one site's rows, not by all of them (which releasing the
+        # whole first pass up front, and concatenating parts, allowed). A first pass that
+        # leaves less than the writer's minimum free is released up front (above).
         for index in list(by_index):
             parts = by_index.pop(index)
             held = min(self._first_bytes, sum(p.nbytes for p in parts))

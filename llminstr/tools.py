@@ -15,6 +15,7 @@ from llminstr.errors import (
     CorruptChunkError,
     FormatError,
     LlminstrError,
+    NotACaptureError,
 )
 from llminstr.format import ACTIVATIONS_GROUP, TOKENS_GROUP, SiteInfo
 from llminstr.reader import Capture, open_capture
@@ -205,10 +206,11 @@ def convert(
                 copy_rows(start, stop)
             except CorruptChunkError:
                 # Keep every row before the damaged chunk: redo this block chunk by chunk
-                # (the failed read appended nothing), then let the error end the copy.
+                # (the failed read appended nothing); the damaged chunk fails again and
+                # ends the copy. (A chunk that reads the second time, e.g. one a live
+                # writer replaced meanwhile, is copied, and the copy goes on.)
                 for lo in range(start, stop, cap.chunk_rows):
                     copy_rows(lo, min(stop, lo + cap.chunk_rows))
-                raise  # (not reached: the same chunk fails again)
             if on_progress is not None:
                 on_progress(stop, cap.num_rows)
     except BaseException as exc:
@@ -300,8 +302,8 @@ def repair(path: str | os.PathLike[str]) -> dict[str, Any]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise CaptureLockedError(
-                    f"{where} is open in a program that writes it (HDF5's file lock is held); "
-                    "nothing was changed"
+                    f"{where} is open in another program (HDF5's file lock is held); close "
+                    "it there first; nothing was changed"
                 ) from None
             head = os.pread(fd, 64, 0)
             if head[:8] != HDF5_SIGNATURE or len(head) < 12 or head[8] not in (2, 3):
@@ -326,9 +328,23 @@ def repair(path: str | os.PathLike[str]) -> dict[str, Any]:
                 os.fsync(fd)
         finally:
             os.close(fd)  # (drops the flock)
+        try:
+            cap = open_capture(path)
+        except LlminstrError as exc:
+            if repaired:  # only a capture may be changed: put the two fields back
+                fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+                try:
+                    os.pwrite(fd, head[11:12], 11)
+                    os.pwrite(fd, head[size : size + 4], size)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            raise NotACaptureError(
+                f"{where} does not open as an llminstr capture once unmarked ({exc}); "
+                "nothing was changed"
+            ) from exc
     finally:
         lock.release()
-    cap = open_capture(path)
     try:
         return {
             "path": str(path),

@@ -597,6 +597,31 @@ def test_first_pass_rows_stay_charged_until_their_site_is_written(tmp_path, monk
         assert charged == sum(site_bytes[i + 1 :]), (i, charged, site_bytes)
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("slack", [100, 1 << 20])
+def test_a_first_pass_that_nearly_fills_the_budget_completes(tmp_path, slack: int) -> None:
+    """A first pass leaving less free than the writer's own buffers need: keeping its
+    rows charged while the writer copied them blocked forever."""
+    model = _tiny("gpt2")
+    ids = torch.randint(3, 90, (2, 32))
+    probe = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1, chunk_rows=16))
+    probe.instrument_model(model)
+    with probe.capture_activations(tmp_path / "probe.zarr"), torch.no_grad():
+        model(ids)
+    cap = open_capture(tmp_path / "probe.zarr")
+    first_pass = sum(cap.read(s).nbytes for s in cap.sites)
+    fw = InstrumentationFramework(
+        InstrumentationConfig(max_memory_gb=(first_pass + slack) / 1e9, chunk_rows=16)
+    )
+    fw.instrument_model(model)
+    with fw.capture_activations(tmp_path / "c.zarr"), torch.no_grad():
+        model(ids)
+    got = open_capture(tmp_path / "c.zarr")
+    assert (got.status, got.num_rows) == ("complete", 64)
+    for site in cap.sites:
+        assert np.array_equal(got.read(site), cap.read(site))
+
+
 def test_progress_line_shows_rows_bytes_rate_and_buffer(tmp_path, capsys) -> None:
     model = _tiny("gpt2")
     fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1, progress=True))

@@ -94,6 +94,32 @@ def test_convert_keeps_the_rows_before_a_corrupt_chunk(tmp_path: Path) -> None:
     assert "conversion failed" in out.metadata["error"]
 
 
+def test_convert_goes_on_when_a_failed_chunk_reads_the_second_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk that fails once (a live writer replaced it while it was read) and reads
+    on the chunk-by-chunk retry is copied, and so is everything after it."""
+    from llminstr import reader
+
+    src = tmp_path / "src.zarr"
+    x = np.arange(40 * 4, dtype=np.float32).reshape(40, 4)
+    with CaptureWriter(src, [SiteInfo("s", (4,))], chunk_rows=4) as w:
+        w.append({c: np.arange(40) for c in ("token_id", "sequence", "position", "step")}, {"s": x})
+    real, failed = reader._read_zarr_frame, []
+
+    def once(path: str, key: str, index: int, *args: object, **kwargs: object) -> object:
+        if key.startswith("activations") and not failed:
+            failed.append(index)
+            raise reader._FrameTooLarge(100, grew=True)
+        return real(path, key, index, *args, **kwargs)
+
+    monkeypatch.setattr(reader, "_read_zarr_frame", once)
+    convert(src, tmp_path / "dst.zarr", rows_per_block=8)
+    out = open_capture(tmp_path / "dst.zarr")
+    assert failed and (out.status, out.num_rows) == ("complete", 40)
+    assert np.array_equal(out.read("s"), x)
+
+
 def test_bad_input_exit_code_and_message(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -17,7 +17,7 @@ from test_standalone_reader import reader as standalone
 
 from llminstr import reader
 from llminstr.cli import EXIT_ERROR, EXIT_OK, main
-from llminstr.errors import CaptureLockedError, ConfigError, FormatError
+from llminstr.errors import CaptureLockedError, ConfigError, FormatError, NotACaptureError
 from llminstr.format import SiteInfo
 from llminstr.reader import open_capture
 from llminstr.storage.writer import CaptureWriter
@@ -156,6 +156,23 @@ def test_repair_refuses_what_it_must_not_touch(tmp_path: Path) -> None:
         writer.close()
 
 
+def test_repair_leaves_an_hdf5_file_that_is_not_a_capture_unchanged(tmp_path: Path) -> None:
+    path = tmp_path / "plain.h5"
+    code = (
+        "import os, sys, h5py, numpy as np\n"
+        "f = h5py.File(sys.argv[1], 'w', libver='latest')\n"
+        "f['x'] = np.arange(10)\n"
+        "f.flush()\n"
+        "os._exit(0)\n"  # gone while the file is open for writing
+    )
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True, timeout=60)
+    before = path.read_bytes()
+    assert before[11] == 0x01
+    with pytest.raises(NotACaptureError, match="nothing was changed"):
+        repair(path)
+    assert path.read_bytes() == before
+
+
 def test_a_reader_waits_for_a_program_holding_the_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -178,7 +195,7 @@ def test_a_reader_waits_for_a_program_holding_the_file(
         monkeypatch.setattr(reader, "HDF5_LOCK_WAIT_S", 0.1)
         with pytest.raises(CaptureLockedError):
             open_capture(path)
-        with pytest.raises(CaptureLockedError, match="HDF5's file lock is held"):
+        with pytest.raises(CaptureLockedError, match="open in another program"):
             repair(path)
         # a reader that waits long enough opens the file once the holder closes it
         monkeypatch.setattr(reader, "HDF5_LOCK_WAIT_S", 60.0)
