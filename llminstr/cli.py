@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -61,6 +62,19 @@ def _positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number above 0; got {text}")
     return value
+
+
+def _row_range(text: str) -> slice:
+    """``START:STOP`` (either may be empty, negatives count from the end) -> a slice."""
+    start, sep, stop = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return slice(int(start) if start.strip() else None, int(stop) if stop.strip() else None)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected START:STOP (e.g. 0:1000, :-100 or 500:); got {text!r}"
+        ) from None
 
 
 def _gb(n: float) -> str:
@@ -227,8 +241,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     )
     model = info["model"]
     if model:
+        params = model.get("num_parameters")
         print(
-            f"  model    {model.get('class')} ({model.get('model_type')}), {model.get('num_parameters')} parameters"
+            f"  model    {model.get('class')} ({model.get('model_type')})"
+            + (f", {params} parameters" if params is not None else "")
         )
     print(
         f"  {'site':<36} {'kind':<9} {'layer':>5} {'dtype':<8} {'shape':<10} {'stored':>10} {'ratio':>6}"
@@ -328,24 +344,23 @@ def _sae_options(args: argparse.Namespace) -> dict[str, Any]:
 def run_analysis(
     path: str, out_dir: Path, args: argparse.Namespace, model: Any = None
 ) -> dict[str, Any]:
-    from llminstr.analysis import analyze_activations
+    from llminstr.analysis import PARTS, analyze_activations
     from llminstr.report import compute_with_progress, write_analysis
 
-    include = (
-        tuple(args.include) if args.include else ("statistics", "sae_features", "causal_graph")
-    )
-    if not args.include and args.sites and len(set(args.sites)) == 1:
-        # A causal graph needs two sites; asking for one site is not asking for a graph.
-        include = ("statistics", "sae_features")
-        if not args.quiet:
-            print("one site given: no causal graph (it needs two sites)", file=sys.stderr)
+    # No --include is the library's default (PARTS itself): a capture with one site or one
+    # row then gets no causal graph, with a note, instead of an error.
+    include = tuple(args.include) if args.include else PARTS
     result = analyze_activations(
         path,
         sites=args.sites or None,
+        rows=getattr(args, "rows", None),
         include=include,
         model=model,
         sae_options=_sae_options(args),
     )
+    if not args.quiet:
+        for note in result["capture"].get("notes", []):
+            print(note, file=sys.stderr)
     computed = compute_with_progress(result, quiet=args.quiet)
     write_analysis(computed, out_dir)
     return computed
@@ -354,10 +369,12 @@ def run_analysis(
 def cmd_analyze(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(str(args.path).rstrip("/") + ".analysis")
     t = time.perf_counter()
-    run_analysis(args.path, out, args)
+    computed = run_analysis(args.path, out, args)
+    written = "analysis.json" + (
+        ", sae/ weights as safetensors" if computed.get("sae_features") is not None else ""
+    )
     print(
-        f"analysis of {args.path} written to {out}/ in {time.perf_counter() - t:.1f} s "
-        "(analysis.json, sae/ weights as safetensors)"
+        f"analysis of {args.path} written to {out}/ in {time.perf_counter() - t:.1f} s ({written})"
     )
     return EXIT_OK
 
@@ -598,6 +615,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default PATH.analysis)")
     p.add_argument("--sites", nargs="+", help="sites to analyse (default all)")
     p.add_argument(
+        "--rows",
+        type=_row_range,
+        metavar="START:STOP",
+        help="rows to analyse, Python slice rules (default all committed rows)",
+    )
+    p.add_argument(
         "--include",
         nargs="+",
         choices=["statistics", "sae_features", "causal_graph"],
@@ -660,6 +683,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LlminstrError as exc:
         print(f"llminstr {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:  # the reader of our output went away (`llminstr info X | head`)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
+        return EXIT_OK
     except OSError as exc:  # a path that cannot be written or read, a full disk
         if args.verbose:
             logging.getLogger(__name__).exception("llminstr %s failed", args.command)

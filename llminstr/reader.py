@@ -933,9 +933,9 @@ class Capture:
     def to_xarray(self) -> Any:
         """An ``xarray.Dataset``: one variable per site over dims ``row`` and
         ``<site>.feature``; token columns as coordinates on ``row``. Names stay unique when
-        sites and columns share them (both are legal): a token column named like a site
-        becomes the coordinate ``tokens/<column>``, and a dimension named like a variable
-        gets ``_`` appended."""
+        sites and columns share them (all are legal): a token column named like a site or
+        like the row dimension becomes the coordinate ``tokens/<column>``, and a dimension
+        named like a variable gets ``_`` appended."""
         import xarray as xr
 
         taken = set(self.sites)
@@ -948,7 +948,7 @@ class Capture:
 
         row = unique("row")
         coords = {
-            unique(c if c not in self.sites else f"tokens/{c}"): (row, arr)
+            unique(c if c not in self.sites and c != row else f"tokens/{c}"): (row, arr)
             for c, arr in self.tokens.items()
         }
         data_vars = {}

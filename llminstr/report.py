@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -80,12 +81,27 @@ def write_analysis(computed: Mapping[str, Any], out_dir: str | os.PathLike[str])
         }
     else:
         doc["sae_features"] = None
+        _remove_stale_sae(out / "sae")
     graph = computed.get("causal_graph")
     doc["causal_graph"] = (
         {k: v for k, v in graph.items() if k != "graph"} if graph is not None else None
     )
     (out / "analysis.json").write_text(json.dumps(_jsonable(doc), indent=1, allow_nan=False))
     return out
+
+
+def _remove_stale_sae(folder: Path) -> None:
+    """An earlier run's SAE files, which this run's analysis.json no longer describes."""
+    from llminstr.analysis.sae import META_FILE, WEIGHTS_FILE
+
+    for name in (WEIGHTS_FILE, META_FILE):
+        (folder / name).unlink(missing_ok=True)
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
+#: The plots a report writes beside its HTML file.
+PLOT_FILES = ("norms.png", "outliers.png", "compression.png", "sae_frequency.png", "causal.png")
 
 
 def load_analysis(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -101,12 +117,22 @@ def load_analysis(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return doc
 
 
+def _num(value: Any, spec: str) -> str:
+    """``value`` formatted with ``spec``, or "n/a" for a missing value (JSON null: an FVU
+    without held-out rows, a NaN statistic)."""
+    return "n/a" if value is None else format(value, spec)
+
+
 def headlines(computed: Mapping[str, Any]) -> list[str]:
     """A few sentences that say what the analysis found."""
     lines: list[str] = []
     stats = (computed.get("statistics") or {}).get("sites") or {}
     if stats:
-        norms = {s: v["row_norm"]["mean"] for s, v in stats.items() if v.get("row_norm")}
+        norms = {
+            s: v["row_norm"]["mean"]
+            for s, v in stats.items()
+            if v.get("row_norm") and v["row_norm"].get("mean") is not None
+        }
         if norms:
             top = max(norms, key=lambda s: norms[s])
             lines.append(f"largest mean row norm: {top} ({norms[top]:.2f})")
@@ -118,8 +144,8 @@ def headlines(computed: Mapping[str, Any]) -> list[str]:
     if sae:
         m = sae["metrics"]
         lines.append(
-            f"SAE on {sae['site']}: {sae['n_features']} features, L0 {m['mean_l0']:.1f}, "
-            f"FVU {m['fvu']:.3f}, dead {100 * m['dead_fraction']:.1f}%"
+            f"SAE on {sae['site']}: {sae['n_features']} features, L0 {_num(m['mean_l0'], '.1f')}, "
+            f"FVU {_num(m['fvu'], '.3f')}, dead {100 * m['dead_fraction']:.1f}%"
         )
     graph = computed.get("causal_graph")
     if graph:
@@ -127,7 +153,8 @@ def headlines(computed: Mapping[str, Any]) -> list[str]:
         if edges:
             e = edges[0]
             lines.append(
-                f"strongest {graph['method']} edge: {e['source']} -> {e['target']} ({e['weight']:.3g})"
+                f"strongest {graph['method']} edge: {e['source']} -> {e['target']} "
+                f"({_num(e['weight'], '.3g')})"
             )
     return lines
 
@@ -191,6 +218,8 @@ def _plots(
     import matplotlib.pyplot as plt
 
     files: dict[str, str] = {}
+    for name in PLOT_FILES:  # an earlier report's plots of parts this analysis lacks
+        (out / name).unlink(missing_ok=True)
     stats = (analysis.get("statistics") or {}).get("sites") or {}
     sites = capture_summary["sites"]
 
@@ -200,7 +229,10 @@ def _plots(
             pts = [
                 (s["layer"], stats[s["name"]]["row_norm"]["mean"])
                 for s in sites
-                if s["kind"] == kind and s["name"] in stats and s["layer"] is not None
+                if s["kind"] == kind
+                and s["name"] in stats
+                and s["layer"] is not None
+                and stats[s["name"]]["row_norm"].get("mean") is not None
             ]
             if pts:
                 xs, ys = zip(*sorted(pts), strict=True)
@@ -215,20 +247,27 @@ def _plots(
 
         fig, ax = plt.subplots(figsize=(7, 3.6))
         names = [s["name"] for s in sites if s["name"] in stats]
+        drawn = 0
         for i, name in enumerate(names):
             st = stats[name]
-            max_abs, rms = (
-                np.asarray(st["max_abs"], float).ravel(),
-                np.asarray(st["rms"], float).ravel(),
-            )
-            scores = np.maximum(
-                max_abs / max(np.median(max_abs), 1e-30), rms / max(np.median(rms), 1e-30)
-            )
+            # JSON null (a dimension holding NaN/inf) -> NaN; medians ignore them, as the
+            # statistics' own outlier rule does, and only finite scores are drawn.
+            max_abs = np.array(st["max_abs"], dtype=float).ravel()
+            rms = np.array(st["rms"], dtype=float).ravel()
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN medians
+                scores = np.maximum(
+                    max_abs / max(np.nanmedian(max_abs), 1e-30),
+                    rms / max(np.nanmedian(rms), 1e-30),
+                )
+            scores = scores[np.isfinite(scores) & (scores > 0)]
+            drawn += scores.size
             high = scores > float(st.get("outlier_factor", 6.0))
             ax.scatter(np.full(int((~high).sum()), i), scores[~high], s=4, color="0.6")
             ax.scatter(np.full(int(high.sum()), i), scores[high], s=14, color="crimson")
         ax.set_xticks(range(len(names)), names, rotation=70, fontsize=7)
-        ax.set_yscale("log")
+        if drawn:  # (a log axis with no positive value fails)
+            ax.set_yscale("log")
         ax.set_ylabel("max(|x|max, rms) / median over dims")
         ax.set_title("Per-dimension scale; red: outlier dimensions (above the outlier factor)")
         files["outliers"] = _save(fig, out / "outliers.png")
@@ -370,8 +409,9 @@ def build_report(
         m = sae["metrics"]
         parts.append(
             f"<h2>Sparse-autoencoder features: <code>{e(sae['site'])}</code></h2>"
-            f"<p>{sae['n_features']} features, k={sae['config']['k']}, mean L0 {m['mean_l0']:.2f}, "
-            f"FVU (held out) {m['fvu']:.4f}, dead {100 * m['dead_fraction']:.1f}%</p>"
+            f"<p>{sae['n_features']} features, k={sae['config']['k']}, mean L0 "
+            f"{_num(m['mean_l0'], '.2f')}, FVU (held out) {_num(m['fvu'], '.4f')}, dead "
+            f"{100 * m['dead_fraction']:.1f}%</p>"
         )
         if "sae_frequency" in files:
             parts.append(f"<img src='{files['sae_frequency']}' alt='SAE frequency'>")
@@ -401,12 +441,16 @@ def build_report(
         edges = sorted(graph["edges"], key=lambda x: -abs(x["weight"] or 0))[:10]
         parts.append("<table><tr><th>source</th><th>target</th><th>weight</th></tr>")
         parts += [
-            f"<tr><td>{e(x['source'])}</td><td>{e(x['target'])}</td><td>{x['weight']:.4g}</td></tr>"
+            f"<tr><td>{e(x['source'])}</td><td>{e(x['target'])}</td>"
+            f"<td>{_num(x['weight'], '.4g')}</td></tr>"
             for x in edges
         ]
         parts.append("</table>")
+    data = os.path.relpath(Path(analysis_dir) / "analysis.json", out.parent)
+    weights = " and its sae/ folder" if sae else ""
     parts.append(
-        "<p style='color:#777'>Written by llminstr. Data: analysis.json and sae/ beside this file.</p></body></html>"
+        f"<p style='color:#777'>Written by llminstr. Data: <code>{e(data)}</code>{weights}.</p>"
+        "</body></html>"
     )
     out.write_text("\n".join(parts), encoding="utf-8")
     cap.close()

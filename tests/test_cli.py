@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -276,7 +277,7 @@ def test_analyze_one_site_leaves_out_the_causal_graph(
     args = ["analyze", str(capture), "--out", str(out), "--sites", "transformer.h.1.mlp"]
     sae = ["--sae-steps", "5", "--sae-n-features", "16", "--sae-k", "2"]
     assert main([*args, *sae]) == EXIT_OK
-    assert "no causal graph (it needs two sites)" in capsys.readouterr().err
+    assert "no causal graph: it needs at least two sites" in capsys.readouterr().err
     doc = json.loads((out / "analysis.json").read_text())
     assert doc["causal_graph"] is None and "transformer.h.1.mlp" in doc["statistics"]["sites"]
     # asked for explicitly, the graph's own error stands
@@ -362,3 +363,93 @@ def test_convert_refuses_its_own_source_and_names_the_flag(
     assert main(["convert", str(src), str(taken), "-q"]) == EXIT_ERROR
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert main(["validate", str(tmp_path / "missing.zarr")]) == EXIT_ERROR
+
+
+def _small_capture(path: Path, rows: int, *, sites: int = 2, nonfinite: bool = False) -> Path:
+    x = np.random.default_rng(0).standard_normal((rows, 8)).astype(np.float32)
+    if nonfinite:
+        x[0, 0] = np.inf
+    cols = ("token_id", "sequence", "position", "step")
+    infos = [SiteInfo(f"s{i}", (8,), layer=i, kind="residual") for i in range(sites)]
+    with CaptureWriter(path, infos, chunk_rows=8) as w:
+        w.append({c: np.arange(rows) for c in cols}, {f"s{i}": x for i in range(sites)})
+    return path
+
+
+def test_analyze_and_report_on_a_one_row_capture(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The default analysis of one row gets no causal graph (a note, not an error), and its
+    SAE has no held-out rows (FVU null): the report says n/a instead of failing."""
+    cap = _small_capture(tmp_path / "one.zarr", 1)
+    out = tmp_path / "one.analysis"
+    sae = ["--sae-steps", "2", "--sae-n-features", "8", "--sae-k", "2"]
+    assert main(["analyze", str(cap), "--out", str(out), *sae]) == EXIT_OK
+    captured = capsys.readouterr()
+    assert "no causal graph: it needs at least two sites and two rows" in captured.err
+    assert "sae/ weights as safetensors" in captured.out
+    doc = json.loads((out / "analysis.json").read_text())
+    assert doc["causal_graph"] is None and doc["sae_features"]["metrics"]["fvu"] is None
+    html_path = tmp_path / "elsewhere" / "r.html"
+    assert main(["report", str(cap), "--analysis", str(out), "--out", str(html_path)]) == EXIT_OK
+    page = html_path.read_text()
+    assert "FVU (held out) n/a" in page
+    assert "Data: <code>../one.analysis/analysis.json</code> and its sae/ folder." in page
+    # a statistics-only run over the same folder removes the SAE files it no longer describes
+    assert main(["analyze", str(cap), "--out", str(out), "--include", "statistics"]) == EXIT_OK
+    assert "sae/" not in capsys.readouterr().out
+    assert not (out / "sae").exists()
+    assert main(["report", str(cap), "--analysis", str(out), "--out", str(html_path)]) == EXIT_OK
+    assert not (html_path.parent / "sae_frequency.png").exists()  # the earlier report's plot
+    assert "and its sae/ folder" not in html_path.read_text()
+
+
+def test_report_on_sites_holding_inf(tmp_path: Path) -> None:
+    cap = _small_capture(tmp_path / "inf.zarr", 64, nonfinite=True)
+    out = tmp_path / "inf.analysis"
+    assert (
+        main(["analyze", str(cap), "--out", str(out), "--include", "statistics", "-q"]) == EXIT_OK
+    )
+    assert main(["report", str(cap), "--analysis", str(out)]) == EXIT_OK
+    assert (out / "outliers.png").stat().st_size > 1000
+
+
+def test_info_into_a_closed_pipe(
+    capture: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`llminstr info X | head -1`: the reader of the output goes away; that is not an
+    error (it printed "error: [Errno 32] Broken pipe" and exited 2)."""
+    sink = open(tmp_path / "sink", "w")  # noqa: SIM115 (its descriptor is borrowed below)
+
+    class ClosedPipe:
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            pass
+
+        def fileno(self) -> int:
+            return sink.fileno()
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    try:
+        assert main(["info", str(capture)]) == EXIT_OK
+    finally:
+        sink.close()
+    assert capsys.readouterr().err == ""
+
+
+def test_analyze_a_row_range(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cap = _small_capture(tmp_path / "r.zarr", 64)
+    out = tmp_path / "r.analysis"
+    args = ["analyze", str(cap), "--out", str(out), "--include", "statistics", "-q"]
+    assert main([*args, "--rows", "8:-8"]) == EXIT_OK
+    doc = json.loads((out / "analysis.json").read_text())
+    assert doc["statistics"]["rows"] == [8, 56]
+    assert doc["statistics"]["sites"]["s0"]["num_rows"] == 48
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--rows", "8"])
+    assert exc.value.code == 2 and "expected START:STOP" in capsys.readouterr().err

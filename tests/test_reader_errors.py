@@ -1031,6 +1031,19 @@ def test_to_xarray_with_names_shared_by_sites_and_columns(tmp_path: Path) -> Non
     np.testing.assert_array_equal(ds["h.feature"].values, np.full((4, 1), 5, np.float32))
 
 
+def test_to_xarray_with_a_token_column_named_row(tmp_path: Path) -> None:
+    """A token column ``row`` became the coordinate ``row_``, and ``ds["row"]`` the plain
+    index; it is ``tokens/row`` now, like a column named after a site."""
+    path = tmp_path / "c.zarr"
+    extra = {"row": np.arange(4, dtype=np.int64) * 3}
+    with CaptureWriter(path, [SiteInfo("s", (2,))], chunk_rows=2, extra_token_columns=["row"]) as w:
+        w.append({**token_columns(4), **extra}, {"s": np.ones((4, 2), np.float32)})
+    ds = open_capture(path).to_xarray()
+    assert ds["s"].dims == ("row", "s.feature")
+    np.testing.assert_array_equal(ds["tokens/row"].values, extra["row"])
+    assert "row_" not in ds.coords
+
+
 def test_hdf5_reads_stay_right_beside_another_handle_of_the_dataset(tmp_path: Path) -> None:
     """H5Drefresh while another handle of the same dataset is open corrupts HDF5's shared
     chunk index (other chunks then read as chunk 0). Reads used to refresh, and a previous
