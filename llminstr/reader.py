@@ -325,11 +325,16 @@ def _read_zarr_frame(path: str, key: str, index: int, feature_ndim: int, limit: 
     return view[:got]
 
 
-_H5_FILES: dict[str, tuple[Any, tuple[int, int]]] = {}  # path -> (file, (dev, inode))
+# Open handles by real path (every spelling of a path, symlinks included, shares one: HDF5
+# shares one file and one metadata cache between handles of a file anyway, and a second
+# handle was taken for fresh and skipped the refresh its cache needed) -> (file, (dev, ino)).
+_H5_FILES: dict[str, tuple[Any, tuple[int, int]]] = {}
 #: Handles that need no refresh: opened after the capture was finished (or refreshed once
 #: since), so nothing in the file can change under them.
 _H5_SETTLED: set[int] = set()
 _H5_LOCK = threading.RLock()
+#: HDF5 files a process keeps open for reading at most; the least recently used is closed.
+HDF5_MAX_OPEN_FILES = 16
 
 
 def _h5_file(path: str) -> Any:
@@ -338,10 +343,12 @@ def _h5_file(path: str) -> Any:
 
     st = os.stat(path)
     identity = (st.st_dev, st.st_ino)
+    path = os.path.realpath(path)
     cached = _H5_FILES.get(path)
     if cached is not None:
         f, seen = cached
         if f.id.valid and seen == identity:
+            _H5_FILES[path] = _H5_FILES.pop(path)  # most recently used last
             return f
         # The path now names another file (the capture was replaced): drop the stale handle.
         if f.id.valid:
@@ -360,9 +367,29 @@ def _h5_file(path: str) -> Any:
             if not held or time.monotonic() >= deadline:
                 raise
             time.sleep(0.02)
+    _H5_FILES.pop(path, None)
     _H5_FILES[path] = (f, identity)
     _H5_SETTLED.discard(id(f))
+    while len(_H5_FILES) > HDF5_MAX_OPEN_FILES:  # a Capture never closed keeps no handle forever
+        oldest = next(iter(_H5_FILES))
+        _forget_hdf5_locked(oldest)
     return f
+
+
+def _forget_hdf5_locked(real_path: str) -> None:
+    cached = _H5_FILES.pop(real_path, None)
+    if cached is not None:
+        _H5_SETTLED.discard(id(cached[0]))
+        if cached[0].id.valid:
+            cached[0].close()
+
+
+def forget_hdf5(path: str | os.PathLike[str]) -> None:
+    """Close llminstr's cached read handle of the HDF5 file at ``path``, if any (the next
+    read reopens it). The writer calls this at close: in one process HDF5 shares a file
+    between handles, and a reader's handle kept the finished file open and marked."""
+    with _H5_LOCK:
+        _forget_hdf5_locked(os.path.realpath(path))
 
 
 def _read_hdf5_frame(
@@ -492,6 +519,11 @@ class Capture:
         self.backend = detect_backend(self.path)
         self._array_docs: dict[str, dict[str, Any]] = {}
         self._array_lengths: dict[str, int] = {}
+        # refresh() fills these, then swaps them in: readers in other threads keep the last
+        # complete tables meanwhile (emptying the live tables first made sites vanish).
+        self._new_docs: dict[str, dict[str, Any]] = {}
+        self._new_lengths: dict[str, int] = {}
+        self._refresh_lock = threading.Lock()
         try:
             self.refresh()
         except BaseException:
@@ -502,19 +534,18 @@ class Capture:
     def refresh(self) -> None:
         """Re-read metadata and the commit record (a live capture may have grown)."""
         where = str(self.path)
-        # Load into fresh tables; a failed refresh leaves the last good state in place.
-        docs, lengths = self._array_docs, self._array_lengths
-        self._array_docs, self._array_lengths = {}, {}
-        try:
+        # Load into fresh tables; a failed refresh leaves the last good state in place, and
+        # other threads read the last good state until the new one is complete.
+        with self._refresh_lock:
+            self._new_docs, self._new_lengths = {}, {}
             load = self._zarr_root if self.backend == "zarr" else self._hdf5_root
             root_doc = load(where)
             validate_root(root_doc, where)
             self._check_layout(root_doc)
             self._check_last_chunks(root_doc)
-        except BaseException:
-            self._array_docs, self._array_lengths = docs, lengths
-            raise
-        self._root = root_doc
+            # (the docs first: a capture's sites never change, so the old root fits them)
+            self._array_docs, self._array_lengths = self._new_docs, self._new_lengths
+            self._root = root_doc
 
     def _zarr_root(self, where: str) -> dict[str, Any]:
         meta = self._zarr_json(self.path / "zarr.json", where)
@@ -547,8 +578,8 @@ class Capture:
                 or not 0 <= shape[0] <= MAX_ROWS
             ):
                 raise FormatError(f"{where}: {key} has an invalid shape {shape!r}")
-            self._array_docs[key] = doc
-            self._array_lengths[key] = int(shape[0])
+            self._new_docs[key] = doc
+            self._new_lengths[key] = int(shape[0])
             self._check_zarr_array(key, ameta, doc, where)
         return root  # type: ignore[no-any-return]
 
@@ -638,7 +669,7 @@ class Capture:
     def _hdf5_root(self, where: str) -> dict[str, Any]:
 
         with _H5_LOCK:
-            known = _H5_FILES.get(str(self.path))
+            known = _H5_FILES.get(os.path.realpath(self.path))
             try:
                 f = _h5_file(str(self.path))
             except BlockingIOError as exc:
@@ -728,8 +759,8 @@ class Capture:
                     raise FormatError(
                         f"{where}: dataset {key} has dtype {ds.dtype}; its metadata says {doc.get('storage_dtype')}"
                     )
-                self._array_docs[key] = doc
-                self._array_lengths[key] = int(ds.shape[0])
+                self._new_docs[key] = doc
+                self._new_lengths[key] = int(ds.shape[0])
                 del ds
             if root["status"] != "in_progress":
                 _H5_SETTLED.add(id(f))  # the writer is done: the file no longer changes
@@ -745,7 +776,7 @@ class Capture:
                 f"is {self.backend!r}"
             )
         comp = root["compression"]
-        for key, doc in self._array_docs.items():
+        for key, doc in self._new_docs.items():
             codec = doc["codec"]
             got = (codec["cname"], codec["clevel"]) if codec else (None, None)
             if got != (comp["cname"], comp["clevel"]) or doc["checksum"] != comp["checksum"]:
@@ -758,9 +789,9 @@ class Capture:
                 raise FormatError(
                     f"{where}: {key} has chunk_rows {doc['chunk_rows']}; the capture uses {chunk_rows}"
                 )
-            if self._array_lengths[key] < rows:
+            if self._new_lengths[key] < rows:
                 raise FormatError(
-                    f"{where}: {key} holds {self._array_lengths[key]} rows but {rows} are committed"
+                    f"{where}: {key} holds {self._new_lengths[key]} rows but {rows} are committed"
                 )
 
     def _check_last_chunks(self, root: dict[str, Any]) -> None:
@@ -774,7 +805,7 @@ class Capture:
         where = str(self.path)
         last = (rows - 1) // int(root["chunk_rows"])
         if self.backend == "zarr":
-            for key, doc in self._array_docs.items():
+            for key, doc in self._new_docs.items():
                 parts = [key, "c", str(last), *("0" for _ in _feature_shape(key, doc))]
                 try:
                     present = stat.S_ISREG(os.stat(self.path.joinpath(*parts)).st_mode)
@@ -788,7 +819,7 @@ class Capture:
             return
         with _H5_LOCK:
             f = _h5_file(str(self.path))
-            for key, doc in self._array_docs.items():
+            for key, doc in self._new_docs.items():
                 offset = (last * int(root["chunk_rows"]), *(0 for _ in _feature_shape(key, doc)))
                 info = f[key].id.get_chunk_info_by_coord(offset)
                 if info.byte_offset is None:
@@ -975,10 +1006,7 @@ class Capture:
 
     def close(self) -> None:
         if self.backend == "hdf5":
-            with _H5_LOCK:
-                cached = _H5_FILES.pop(str(self.path), None)
-                if cached is not None:
-                    cached[0].close()
+            forget_hdf5(self.path)
 
     def __enter__(self) -> Capture:
         return self

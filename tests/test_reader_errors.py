@@ -7,6 +7,10 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -1097,3 +1101,81 @@ def test_hdf5_dataset_must_be_unlimited_with_zero_fill(tmp_path: Path) -> None:
         new.attrs.update(attrs)
     with pytest.raises(FormatError, match="must be unlimited along rows with fill value 0"):
         open_capture(capture)
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_refresh_in_one_thread_while_others_read(tmp_path: Path, suffix: str) -> None:
+    """refresh() emptied the shared tables before refilling them: other threads' reads of
+    the same Capture failed with SiteNotFoundError thousands of times a second."""
+    errors: list[BaseException] = []
+    path = tmp_path / f"c{suffix}"
+    x = np.arange(64 * 4, dtype=np.float32).reshape(64, 4)
+    with CaptureWriter(path, [SiteInfo("a", (4,)), SiteInfo("b", (4,))], chunk_rows=8) as w:
+        w.append(token_columns(64), {"a": x, "b": x + 1})
+    cap = open_capture(path)
+    stop = threading.Event()
+
+    def refresher() -> None:
+        while not stop.is_set():
+            cap.refresh()
+
+    def reader_loop() -> None:
+        try:
+            while not stop.is_set():
+                assert np.array_equal(cap.read("a", 8, 24), x[8:24])
+                assert cap.site_info("b")["name"] == "b"
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=refresher), threading.Thread(target=reader_loop)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    cap.close()
+    assert not errors, errors[:3]
+
+
+def test_hdf5_handles_are_shared_by_real_path_and_bounded(tmp_path: Path) -> None:
+    from llminstr import reader
+
+    paths = []
+    for i in range(reader.HDF5_MAX_OPEN_FILES + 4):
+        path = tmp_path / f"c{i}.h5"
+        with CaptureWriter(path, [SiteInfo("a", (2,))], chunk_rows=4) as w:
+            w.append(token_columns(4), {"a": np.full((4, 2), i, np.float32)})
+        paths.append(path)
+    link = tmp_path / "link.h5"
+    link.symlink_to(paths[0])
+    caps = [open_capture(paths[0]), open_capture(link), open_capture(f"{tmp_path}/./c0.h5")]
+    assert sum(1 for k in reader._H5_FILES if k == os.path.realpath(paths[0])) == 1
+    many = [open_capture(p) for p in paths]  # never closed: the cache stays bounded
+    assert len(reader._H5_FILES) <= reader.HDF5_MAX_OPEN_FILES
+    assert all(c.read("a")[0, 0] == i for i, c in enumerate(many))  # evicted ones reopen
+    for c in caps + many:
+        c.close()
+
+
+def test_the_writer_closes_a_same_process_readers_handle_at_close(tmp_path: Path) -> None:
+    """A reader's handle in the writer's process shares HDF5's file: it kept the finished
+    file open and marked, and other processes' plain h5py opens failed."""
+    from llminstr import reader
+
+    path = tmp_path / "c.h5"
+    w = CaptureWriter(path, [SiteInfo("a", (2,))], chunk_rows=4)
+    w.append(token_columns(8), {"a": np.ones((8, 2), np.float32)})
+    w.commit()
+    live = open_capture(path)  # follows the live capture from the writer's process
+    assert live.num_rows == 8
+    w.close()
+    assert os.path.realpath(path) not in reader._H5_FILES
+    code = "import sys, h5py; f = h5py.File(sys.argv[1], 'r'); print(f['llminstr_commit'][1])"
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "8", done.stderr
+    live.refresh()
+    assert (live.status, live.num_rows) == ("complete", 8)
+    live.close()

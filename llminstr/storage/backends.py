@@ -372,6 +372,9 @@ class HDF5Backend(StoreBackend):
         self._closed = True
         try:
             if self._file is not None:
+                from llminstr.reader import forget_hdf5
+
+                forget_hdf5(self.path)  # a reader's handle in this process shares the file
                 self._call(self._final, copy.deepcopy(root))
         finally:
             self._thread.shutdown(wait=True)
