@@ -156,9 +156,20 @@ class _Source:
     Dask graphs built on it run on distributed workers too."""
 
     def __init__(
-        self, path: str, backend: str, key: str, site: str, doc: dict[str, Any], rows: int
+        self,
+        path: str,
+        backend: str,
+        key: str,
+        site: str,
+        doc: dict[str, Any],
+        rows: int,
+        identity: tuple[int, int, int] | None = None,
     ) -> None:
         self.path = path
+        # (pid, st_dev, st_ino) of the capture when it was opened: in that process, a read
+        # checks that the path still names the same file or directory (a capture replaced
+        # at the same path, overwrite=True, was read silently, uncommitted rows included).
+        self.identity = identity
         self.backend = backend
         self.key = key
         self.site = site
@@ -202,6 +213,8 @@ class _Source:
         cname = self.cname
         limit = math.prod(chunk_shape) * self.dtype.itemsize + 64
         frame: bytes | memoryview | None
+        if self.identity is not None and self.identity[0] == os.getpid():
+            _check_identity(self.path, self.identity)
         try:
             if self.backend == "zarr":
                 frame = _read_zarr_frame(self.path, self.key, index, len(self.feature_shape), limit)
@@ -281,6 +294,23 @@ class _Source:
         start, stop, _ = rows.indices(self.rows)
         block = self.read_rows(start, stop)
         return block[(slice(None), *key[1:])] if len(key) > 1 else block
+
+
+def _identity(path: str | os.PathLike[str]) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (os.getpid(), st.st_dev, st.st_ino)
+
+
+def _check_identity(path: str, identity: tuple[int, int, int]) -> None:
+    now = _identity(path)
+    if now is not None and now != identity:
+        raise FormatError(
+            f"{path!r} now holds another capture than the one opened (it was replaced at the "
+            "same path); open it again"
+        )
 
 
 class _NotAFile(Exception):
@@ -524,6 +554,7 @@ class Capture:
         self._new_docs: dict[str, dict[str, Any]] = {}
         self._new_lengths: dict[str, int] = {}
         self._refresh_lock = threading.Lock()
+        self._identity: tuple[int, int, int] | None = None  # see _Source.identity
         try:
             self.refresh()
         except BaseException:
@@ -537,10 +568,20 @@ class Capture:
         # Load into fresh tables; a failed refresh leaves the last good state in place, and
         # other threads read the last good state until the new one is complete.
         with self._refresh_lock:
+            identity = _identity(self.path)
+            old = getattr(self, "_root", None)
+            if old is not None and self._identity is not None and identity != self._identity:
+                _check_identity(where, self._identity)
             self._new_docs, self._new_lengths = {}, {}
             load = self._zarr_root if self.backend == "zarr" else self._hdf5_root
             root_doc = load(where)
             validate_root(root_doc, where)
+            if old is not None and root_doc["created"] != old["created"]:
+                raise FormatError(
+                    f"{where!r} now holds another capture than the one opened (created "
+                    f"{root_doc['created']}, not {old['created']}); open it again"
+                )
+            self._identity = identity
             self._check_layout(root_doc)
             self._check_last_chunks(root_doc)
             # (the docs first: a capture's sites never change, so the old root fits them)
@@ -878,7 +919,13 @@ class Capture:
 
     def _source(self, key: str, label: str) -> _Source:
         return _Source(
-            str(self.path), self.backend, key, label, self._array_docs[key], self.num_rows
+            str(self.path),
+            self.backend,
+            key,
+            label,
+            self._array_docs[key],
+            self.num_rows,
+            self._identity,
         )
 
     def activations(self, name: str, *, logical: bool = True) -> Any:

@@ -1179,3 +1179,26 @@ def test_the_writer_closes_a_same_process_readers_handle_at_close(tmp_path: Path
     live.refresh()
     assert (live.status, live.num_rows) == ("complete", 8)
     live.close()
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_a_capture_replaced_at_its_path_is_not_read_as_the_old_one(
+    tmp_path: Path, suffix: str
+) -> None:
+    """A Capture kept while overwrite=True rewrote its path read the new capture's values,
+    uncommitted rows included, with no error."""
+    path = tmp_path / f"c{suffix}"
+    with CaptureWriter(path, [SiteInfo("a", (2,))], chunk_rows=4) as w:
+        w.append(token_columns(8), {"a": np.zeros((8, 2), np.float32)})
+    old = open_capture(path)
+    lazy = old.activations("a")
+    time.sleep(0.01)  # a different `created` time, to the millisecond
+    with CaptureWriter(path, [SiteInfo("a", (2,))], chunk_rows=4, overwrite=True) as w:
+        w.append(token_columns(8), {"a": np.ones((8, 2), np.float32)})
+    with pytest.raises(FormatError, match="now holds another capture than the one opened"):
+        old.refresh()
+    if suffix == ".h5":  # a new file: reads notice too (a Zarr directory may reuse its inode)
+        with pytest.raises(FormatError, match="now holds another capture"):
+            lazy.compute()
+    old.close()
+    assert open_capture(path).read("a")[0, 0] == 1.0
