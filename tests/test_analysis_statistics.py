@@ -793,3 +793,19 @@ def test_numpy_numbers_are_accepted_as_statistics_options(tmp_path: Path) -> Non
     )
     assert list(out["sites"]["s"]["row_norm"]["quantiles"]) == [0.5]
     assert out["tokens"] is None
+
+
+def test_token_summary_graph_does_not_grow_with_the_chunk_count(tmp_path: Path) -> None:
+    """The token summary made a delayed call per chunk of each column's dask array, and each
+    call culled the whole array graph: building took 6.5 s for 4000 chunks (quadratic).
+    Its tasks now read their chunks themselves, 32 MiB of rows per task."""
+    rows, chunk = 1000 * 16, 16
+    x = np.ones((rows, 2), np.float32)
+    write(tmp_path / "c.zarr", {"s": x}, chunk_rows=chunk)
+    cap = open_capture(tmp_path / "c.zarr")
+    summary = token_summary(cap)
+    tasks = len(dict(summary.__dask_graph__()))
+    assert tasks <= 2 * len(cap.token_columns) + 1, tasks  # one read task per column here
+    out = compute(summary)
+    assert out["rows"] == rows
+    assert out["num_steps"] == int(np.unique(cap.token_table()["step"]).size)

@@ -807,15 +807,6 @@ def tree_reduce(parts: list[Delayed], merge: Callable[..., Any], split_every: in
     return level[0]
 
 
-def _row_blocks(arr: Any, start: int, stop: int) -> list[Delayed]:
-    """Delayed blocks of rows ``[start, stop)`` of a storage-chunked dask array.
-
-    ``optimize_graph=False`` keeps the reader's block keys, so other analyses that read
-    the same site share those tasks within one ``dask.compute``."""
-    sub = arr[start:stop] if (start, stop) != (0, arr.shape[0]) else arr
-    return list(sub.to_delayed(optimize_graph=False).reshape(-1))
-
-
 #: Raw (decoded) bytes of activations a statistics read task covers: whole storage chunks,
 #: at least one. A task reads its chunks one at a time, so its memory is one chunk.
 TASK_BYTES = 32 << 20
@@ -851,11 +842,26 @@ def read_block_partial(
     # Each chunk is decoded into this thread's chunk buffer, reused from chunk to chunk
     # and task to task (a fresh buffer would be page-faulted in for every chunk).
     buf = _scratch("chunk", (source.chunk_rows, *source.feature_shape), source.dtype)
-    parts = [
-        site_block_partial(source.read_chunk(index, out=buf)[lo:hi], eps, log_gamma)
-        for index, lo, hi in span
-    ]
-    return merge_site_partials(*parts)
+    out: SitePartial | None = None
+    for index, lo, hi in span:  # merged as it goes: narrow sites put many chunks in a task
+        part = site_block_partial(source.read_chunk(index, out=buf)[lo:hi], eps, log_gamma)
+        out = part if out is None else _merge_two(out, part)
+    assert out is not None
+    return out
+
+
+def read_column_partial(
+    source: Any, span: Sequence[tuple[int, int, int]], counted: bool
+) -> ColumnPartial:
+    """Read the chunks of ``span`` of a token column and summarise their rows together:
+    the block task of the token summary."""
+    rows = sum(hi - lo for _, lo, hi in span)
+    values = np.empty(rows, dtype=source.dtype)
+    at = 0
+    for index, lo, hi in span:
+        values[at : at + hi - lo] = source.read_chunk(index)[lo:hi]
+        at += hi - lo
+    return column_block_partial(values, counted)
 
 
 def statistics_for_site(
@@ -945,17 +951,28 @@ def token_summary(
     ``rows``; ``columns`` (per column ``min``/``max``); ``num_sequences`` and
     ``rows_per_sequence``; ``num_steps``, ``rows_per_step`` and ``step_counts``
     (``{"step": values, "rows": counts}``); ``num_distinct_tokens``; ``max_position``."""
+    from dask.base import tokenize
     from dask.delayed import delayed
+
+    from llminstr.format import TOKENS_GROUP
 
     cap = as_capture(capture)
     start, stop = resolve_rows(rows, cap.num_rows)
     _check_options(DEFAULT_EPS, 1.0, 0.5, (), split_every)
     columns: dict[str, Delayed] = {}
-    for col, arr in cap.tokens.items():
+    # Tasks read their chunks themselves, as the site statistics' do: a delayed call per
+    # block of the dask array culled the whole array graph for each block (graph building
+    # grew with the square of the chunk count: 33 s for 10**4 chunks).
+    per_task = max(1, TASK_BYTES // (cap.chunk_rows * 8))
+    for col in cap.token_columns:
         counted = col in COUNTED_COLUMNS
+        source = cap._source(f"{TOKENS_GROUP}/{col}", f"tokens/{col}")
+        token = tokenize(source, cap._root["commit_seq"], start, stop, counted, per_task)
         blocks = [
-            delayed(column_block_partial, pure=True)(b, counted)
-            for b in _row_blocks(arr, start, stop)
+            delayed(read_column_partial)(
+                source, span, counted, dask_key_name=(f"llminstr-tokens-{token}", i)
+            )
+            for i, span in enumerate(_chunk_spans(start, stop, cap.chunk_rows, per_task))
         ]
         columns[col] = tree_reduce(blocks, merge_column_partials, split_every)
     result: Delayed = delayed(finish_tokens, pure=True)(columns)
