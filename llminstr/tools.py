@@ -233,40 +233,29 @@ def _lookup3(data: bytes) -> int:
     def rot(x: int, k: int) -> int:
         return ((x << k) | (x >> (32 - k))) & m
 
+    def add_words(v: list[int], block: bytes) -> None:
+        for w in range(3):
+            v[w] = (v[w] + int.from_bytes(block[4 * w : 4 * w + 4], "little")) & m
+
     n = len(data)
-    a = b = c = (0xDEADBEEF + n) & m
+    v = [(0xDEADBEEF + n) & m] * 3  # a, b, c
     i = 0
     while n - i > 12:
-        a = (a + int.from_bytes(data[i : i + 4], "little")) & m
-        b = (b + int.from_bytes(data[i + 4 : i + 8], "little")) & m
-        c = (c + int.from_bytes(data[i + 8 : i + 12], "little")) & m
-        a = (a - c) & m ^ rot(c, 4)
-        c = (c + b) & m
-        b = (b - a) & m ^ rot(a, 6)
-        a = (a + c) & m
-        c = (c - b) & m ^ rot(b, 8)
-        b = (b + a) & m
-        a = (a - c) & m ^ rot(c, 16)
-        c = (c + b) & m
-        b = (b - a) & m ^ rot(a, 19)
-        a = (a + c) & m
-        c = (c - b) & m ^ rot(b, 4)
-        b = (b + a) & m
+        add_words(v, data[i : i + 12])
+        # mix(): x -= z; x ^= rot(z, r); z += y
+        for x, z, y, r in ((0, 2, 1, 4), (1, 0, 2, 6), (2, 1, 0, 8), (0, 2, 1, 16),
+                           (1, 0, 2, 19), (2, 1, 0, 4)):  # fmt: skip
+            v[x] = ((v[x] - v[z]) & m) ^ rot(v[z], r)
+            v[z] = (v[z] + v[y]) & m
         i += 12
     if n == i:
-        return c
-    tail = data[i:].ljust(12, b"\0")
-    a = (a + int.from_bytes(tail[0:4], "little")) & m
-    b = (b + int.from_bytes(tail[4:8], "little")) & m
-    c = (c + int.from_bytes(tail[8:12], "little")) & m
-    c = (c ^ b) - rot(b, 14) & m
-    a = (a ^ c) - rot(c, 11) & m
-    b = (b ^ a) - rot(a, 25) & m
-    c = (c ^ b) - rot(b, 16) & m
-    a = (a ^ c) - rot(c, 4) & m
-    b = (b ^ a) - rot(a, 14) & m
-    c = (c ^ b) - rot(b, 24) & m
-    return c
+        return v[2]
+    add_words(v, data[i:].ljust(12, b"\0"))
+    # final(): x ^= y; x -= rot(y, r)
+    for x, y, r in ((2, 1, 14), (0, 2, 11), (1, 0, 25), (2, 1, 16), (0, 2, 4), (1, 0, 14),
+                    (2, 1, 24)):  # fmt: skip
+        v[x] = ((v[x] ^ v[y]) - rot(v[y], r)) & m
+    return v[2]
 
 
 #: Superblock status flags (HDF5 file format, version 3): bit 0 "open for writing", bit 2
