@@ -73,7 +73,7 @@ def _row_range(text: str) -> slice:
         return slice(int(start) if start.strip() else None, int(stop) if stop.strip() else None)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected START:STOP (e.g. 0:1000, :-100 or 500:); got {text!r}"
+            f"expected START:STOP (e.g. 0:1000, :-100, 500: or --rows=-100:); got {text!r}"
         ) from None
 
 
@@ -618,7 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--rows",
         type=_row_range,
         metavar="START:STOP",
-        help="rows to analyse, Python slice rules (default all committed rows)",
+        help="rows to analyse, Python slice rules (default all committed rows); write "
+        "a negative start as --rows=-100:",
     )
     p.add_argument(
         "--include",

@@ -570,7 +570,11 @@ class Capture:
         with self._refresh_lock:
             identity = _identity(self.path)
             old = getattr(self, "_root", None)
-            if old is not None and self._identity is not None and identity != self._identity:
+            if (
+                old is not None
+                and self._identity is not None
+                and self._identity[0] == os.getpid()  # (a forked child sees another pid)
+            ):
                 _check_identity(where, self._identity)
             self._new_docs, self._new_lengths = {}, {}
             load = self._zarr_root if self.backend == "zarr" else self._hdf5_root
@@ -868,6 +872,15 @@ class Capture:
                         f"{where}: {rows} rows are committed but {key} does not store chunk "
                         f"{last}, which holds row {rows - 1}"
                     )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_refresh_lock"]  # (a lock cannot be pickled or copied)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._refresh_lock = threading.Lock()
 
     # -- public surface
     @property

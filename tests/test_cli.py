@@ -449,6 +449,8 @@ def test_analyze_a_row_range(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main([*args, "--rows", "8:-8"]) == EXIT_OK
     doc = json.loads((out / "analysis.json").read_text())
     assert doc["statistics"]["rows"] == [8, 56]
+    assert main([*args, "--rows=-16:"]) == EXIT_OK  # a negative start needs the = form
+    assert json.loads((out / "analysis.json").read_text())["statistics"]["rows"] == [48, 64]
     assert doc["statistics"]["sites"]["s0"]["num_rows"] == 48
     with pytest.raises(SystemExit) as exc:
         main([*args, "--rows", "8"])

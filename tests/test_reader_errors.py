@@ -1202,3 +1202,32 @@ def test_a_capture_replaced_at_its_path_is_not_read_as_the_old_one(
             lazy.compute()
     old.close()
     assert open_capture(path).read("a")[0, 0] == 1.0
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_a_capture_survives_fork_pickle_and_copy(tmp_path: Path, suffix: str) -> None:
+    """The replacement check compares the path's inode with the one seen by the opening
+    process; a forked child refused an unchanged capture, and the refresh lock made a
+    Capture impossible to pickle or copy."""
+    import copy
+    import pickle
+
+    path = tmp_path / f"c{suffix}"
+    x = np.arange(40, dtype=np.float32).reshape(10, 4)
+    with CaptureWriter(path, [SiteInfo("a", (4,))], chunk_rows=4) as w:
+        w.append(token_columns(10), {"a": x})
+    cap = open_capture(path)
+    pid = os.fork()
+    if pid == 0:  # the child: exit code 0 only if refresh and read work
+        code = 1
+        try:
+            cap.refresh()
+            code = 0 if np.array_equal(cap.read("a"), x) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    for other in (pickle.loads(pickle.dumps(cap)), copy.deepcopy(cap)):
+        other.refresh()
+        assert np.array_equal(other.read("a"), x)
+    cap.close()
