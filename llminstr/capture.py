@@ -65,14 +65,9 @@ class PassPlan:
         self._keep_padding = keep_padding
         self._resolved = False
         self.tokens_delivered = False
-        self.counted = False  # its rows are in the progress bar (CaptureSession._count)
         self.keep: np.ndarray | None = None
         self.tokens: dict[str, np.ndarray] = {}
         self.n_rows = 0
-
-    @property
-    def resolved(self) -> bool:
-        return self._resolved
 
     def resolve(self) -> PassPlan:
         if self._resolved:
@@ -188,7 +183,6 @@ class CaptureSession:
         self._ops = DEVICE_OPS
         self._stager: CudaStager | None = None
         self._progress = _Progress(progress, self.budget)
-        self._count_lock = threading.Lock()
         self._extra_columns = ["is_padding"] if config.padding == "keep" else []
         self.failed: BaseException | None = None
 
@@ -326,11 +320,6 @@ class CaptureSession:
         first = self._first_pass is not None
         if first:
             self._open_writer(plan)
-        # The bar counts stored rows (padding skipped): here when the pass is resolved by
-        # now (the CPU path), else when its tokens are delivered (the CUDA path's drain).
-        # Decided before end_pass hands the plan to the drain thread.
-        if plan.resolved:
-            self._count(plan)
         if self._stager is not None:  # the first pass goes to the drain at once
             self._stager.end_pass(plan, force=first)
 
@@ -450,14 +439,6 @@ class CaptureSession:
         self._raw_bytes += rows.nbytes
         self.writer.write_site_lent(self.sites[index][0].name, rows, release)
 
-    def _count(self, plan: PassPlan) -> None:
-        """Add a resolved pass's rows to the progress bar, once (from either thread)."""
-        with self._count_lock:
-            if plan.counted:
-                return
-            plan.counted = True
-        self._progress.update(plan.n_rows, self._raw_bytes, self._started)
-
     def deliver_tokens(self, plans: list[PassPlan]) -> None:
         """Hand the token rows of finished passes to the writer (or the first-pass buffer),
         once per pass (a pass with sites on the host and on the device reaches here twice)."""
@@ -468,7 +449,9 @@ class CaptureSession:
             plan.resolve()
             plan.tokens_delivered = True
             self._rows += plan.n_rows
-            self._count(plan)
+            # The bar counts stored rows (padding skipped), once per pass, when they are
+            # known: in the site hooks on the CPU path, in the drain on the CUDA path.
+            self._progress.update(plan.n_rows, self._raw_bytes, self._started)
         if len(plans) == 1:
             tokens = plans[0].tokens
         else:

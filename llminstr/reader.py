@@ -304,8 +304,12 @@ def _identity(path: str | os.PathLike[str]) -> tuple[int, int, int] | None:
     return (os.getpid(), st.st_dev, st.st_ino)
 
 
-def _check_identity(path: str, identity: tuple[int, int, int]) -> None:
-    now = _identity(path)
+def _check_identity(
+    path: str, identity: tuple[int, int, int], now: tuple[int, int, int] | None = None
+) -> None:
+    """Refuse ``path`` when it no longer names what ``identity`` saw (``now``: its current
+    identity, if already taken)."""
+    now = _identity(path) if now is None else now
     if now is not None and now != identity:
         raise FormatError(
             f"{path!r} now holds another capture than the one opened (it was replaced at the "
@@ -575,7 +579,7 @@ class Capture:
                 and self._identity is not None
                 and self._identity[0] == os.getpid()  # (a forked child sees another pid)
             ):
-                _check_identity(where, self._identity)
+                _check_identity(where, self._identity, identity)
             self._new_docs, self._new_lengths = {}, {}
             load = self._zarr_root if self.backend == "zarr" else self._hdf5_root
             root_doc = load(where)

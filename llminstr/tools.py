@@ -263,6 +263,13 @@ def _lookup3(data: bytes) -> int:
 _OPEN_FOR_WRITE, _OPEN_FOR_SWMR = 0x01, 0x04
 
 
+def _patch_superblock(fd: int, size: int, flags: int, checksum: bytes) -> None:
+    """Write a version 2/3 superblock's flags byte and its checksum (at ``size``)."""
+    os.pwrite(fd, bytes([flags]), 11)
+    os.pwrite(fd, checksum, size)
+    os.fsync(fd)
+
+
 def repair(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Clear the "open for writing" mark that an HDF5 capture keeps when the program
     writing it without SWMR was killed (llminstr's writer is such a program for a few
@@ -312,20 +319,16 @@ def repair(path: str | os.PathLike[str]) -> dict[str, Any]:
             if repaired:
                 fixed = bytearray(head[:size])
                 fixed[11] = flags & ~_OPEN_FOR_WRITE
-                os.pwrite(fd, bytes(fixed[11:12]), 11)
-                os.pwrite(fd, _lookup3(bytes(fixed)).to_bytes(4, "little"), size)
-                os.fsync(fd)
+                _patch_superblock(fd, size, fixed[11], _lookup3(bytes(fixed)).to_bytes(4, "little"))
         finally:
             os.close(fd)  # (drops the flock)
         try:
             cap = open_capture(path)
-        except LlminstrError as exc:
+        except NotACaptureError as exc:
             if repaired:  # only a capture may be changed: put the two fields back
                 fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
                 try:
-                    os.pwrite(fd, head[11:12], 11)
-                    os.pwrite(fd, head[size : size + 4], size)
-                    os.fsync(fd)
+                    _patch_superblock(fd, size, flags, head[size : size + 4])
                 finally:
                     os.close(fd)
             raise NotACaptureError(

@@ -35,6 +35,8 @@ from typing import Any
 import numba as _numba
 import numpy as np
 
+from llminstr.analysis.statistics import TINY_NORM2
+
 numba: Any = _numba
 
 # ``fastmath`` only allows reassociating the per-row norm sum (so that the row loop
@@ -372,12 +374,8 @@ def _all_finite_py(power: Any, norm2: Any, vmin: Any, vmax: Any, limit: float) -
 _all_finite = numba.njit(nogil=True, cache=False)(_all_finite_py)
 
 
-#: Squared row norms below this are recomputed in float64: float32 squares of entries
-#: below about 1e-19 underflow (a row of 1e-24 values had norm 0).
-TINY_NORM2 = 1e-30
-
-
 def _refine_norms_f32_py(raw: Any, norm2: Any) -> None:
+    # statistics.TINY_NORM2: squared norms that float32 may have underflowed, in float64.
     for i in range(raw.shape[0]):
         if norm2[i] < TINY_NORM2:
             total = 0.0

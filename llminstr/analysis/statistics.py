@@ -47,7 +47,8 @@ Non-finite values. A block whose float32 sums come out non-finite (NaN/inf input
 float32 overflow of ``x**4`` for ``|x| > ~1e9``) is recomputed in float64. In a dimension
 that holds NaN or inf, ``min``, ``max`` and ``max_abs`` are numpy's and the moments (mean,
 std, rms, skewness, kurtosis) are NaN (numpy's mean and rms of a column holding +inf
-are inf); ``nonfinite_count`` counts such entries per dimension, and rows whose norm is not finite are left out of the row
+are inf); ``nonfinite_count`` counts such entries per dimension, and rows whose norm is
+not finite are left out of the row
 norm statistics (counted in ``row_norm["nonfinite_count"]``).
 
 Token columns (:func:`token_summary`) are separate arrays; summarising them reads each
@@ -79,7 +80,9 @@ PASSES = 1
 DEFAULT_EPS = 1e-6
 DEFAULT_OUTLIER_FACTOR = 6.0
 DEFAULT_RELATIVE_ACCURACY = 0.005
-_TINY_NORM2 = 1e-30  # as _fused.TINY_NORM2 (numba is optional)
+#: Squared row norms below this are recomputed in float64 (by both kernels): float32
+#: squares of entries below about 1e-19 underflow (a row of 1e-24 values had norm 0).
+TINY_NORM2 = 1e-30
 #: Below this the norm histogram needs about 10**5 bins per decade of norms.
 MIN_RELATIVE_ACCURACY = 1e-5
 NORM_QUANTILES: tuple[float, ...] = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
@@ -498,8 +501,8 @@ def site_block_partial(block: np.ndarray, eps: float, log_gamma: float) -> SiteP
 
 def _refine_tiny_norms(raw: np.ndarray, norm2: np.ndarray) -> np.ndarray:
     """Recompute in float64 the squared norms of rows whose float32 norm is below 1e-15
-    (``_fused.TINY_NORM2``): their float32 squares underflow. ``norm2`` is float64."""
-    tiny = norm2 < _TINY_NORM2
+    (:data:`TINY_NORM2`): their float32 squares underflow. ``norm2`` is float64."""
+    tiny = norm2 < TINY_NORM2
     if tiny.any():
         x = as_float32(raw[tiny]).astype(np.float64)
         norm2[tiny] = np.einsum("ij,ij->i", x, x)
@@ -1003,10 +1006,7 @@ def compute_statistics(
     cap = as_capture(capture)
     names = check_sites(cap, sites)
     start, stop = resolve_rows(rows, cap.num_rows)
-    if isinstance(quantiles, (str, bytes)) or not isinstance(quantiles, Iterable):
-        raise ConfigError(f"quantiles must be a list of numbers in [0, 1]; got {quantiles!r}")
-    qs = tuple(quantiles)
-    _check_options(eps, outlier_factor, relative_accuracy, qs, split_every)
+    _, _, _, qs, _ = _check_options(eps, outlier_factor, relative_accuracy, quantiles, split_every)
     per_site = {
         name: statistics_for_site(
             cap,
