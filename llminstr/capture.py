@@ -11,6 +11,7 @@ exactly once, so row ``i`` is the same token in every array.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -511,19 +512,24 @@ class CaptureSession:
             self._first_bytes = 0
         if self._first_tokens:
             self.writer.write_tokens(self._first_tokens)
-        # The writer charges its own copies of these rows. Each site's rows stay charged
-        # until that site is written, and are dropped right after: a first pass overshoots
-        # the budget by at most one site's rows, not by all of them (which releasing the
-        # whole first pass up front, and concatenating parts, allowed). A first pass that
-        # leaves less than the writer's minimum free is released up front (above).
+        # The rows are lent to the writer: whole chunks are encoded where they lie, and
+        # each part stays charged until its last lent chunk is encoded. Only a part's
+        # tail (less than a chunk) is copied, into the writer's own buffers, which the
+        # room left above covers: the first pass stays within the budget. (Releasing each
+        # site's charge before copying it overshot by one site's rows; releasing all of
+        # them up front, by up to 1.6x.) A first pass that leaves less than the writer's
+        # minimum free was released up front (above); lending still spares its copies.
         for index in list(by_index):
             parts = by_index.pop(index)
-            held = min(self._first_bytes, sum(p.nbytes for p in parts))
-            self.budget.release(held)
-            self._first_bytes -= held
             name = self.sites[index][0].name
             while parts:
-                self.writer.write_site(name, parts.pop(0))
+                part = parts.pop(0)
+                held = min(self._first_bytes, part.nbytes)
+                self._first_bytes -= held
+                self.writer.write_site_lent(
+                    name, part, functools.partial(self.budget.release, held)
+                )
+                del part  # its memory goes when the writer drops its lent chunks
         self.budget.release(self._first_bytes)
         self._first_bytes = 0
         if self._stager is not None:
