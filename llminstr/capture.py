@@ -505,11 +505,15 @@ class CaptureSession:
             extra_token_columns=self._extra_columns,
         )
         self._first_pass = None
-        if self.budget.limit - self.budget.used < self.writer.floor_bytes:
+        short = self.writer.floor_bytes - (self.budget.limit - self.budget.used)
+        if short > 0:
             # Too little left for the writer's own buffers while the first pass is still
-            # charged: its copies would wait forever for room the first pass holds.
-            self.budget.release(self._first_bytes)
-            self._first_bytes = 0
+            # charged: its copies would wait forever for room the first pass holds. Give
+            # up just that much of the first pass's charge (the overshoot is bounded by
+            # the writer's minimum, not by the first pass).
+            short = min(short, self._first_bytes)
+            self.budget.release(short)
+            self._first_bytes -= short
         if self._first_tokens:
             self.writer.write_tokens(self._first_tokens)
         # The rows are lent to the writer: whole chunks are encoded where they lie, and
@@ -518,7 +522,7 @@ class CaptureSession:
         # room left above covers: the first pass stays within the budget. (Releasing each
         # site's charge before copying it overshot by one site's rows; releasing all of
         # them up front, by up to 1.6x.) A first pass that leaves less than the writer's
-        # minimum free was released up front (above); lending still spares its copies.
+        # minimum free gave up the shortfall of its charge (above).
         for index in list(by_index):
             parts = by_index.pop(index)
             name = self.sites[index][0].name
