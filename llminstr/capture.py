@@ -12,6 +12,7 @@ exactly once, so row ``i`` is the same token in every array.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import threading
 import time
@@ -186,6 +187,7 @@ class CaptureSession:
         self._progress = _Progress(progress, self.budget)
         self._extra_columns = ["is_padding"] if config.padding == "keep" else []
         self.failed: BaseException | None = None
+        self._positional = _positional_parameters(model)
 
     # ---------------------------------------------------------------- hook management
     def attach(self) -> None:
@@ -222,6 +224,9 @@ class CaptureSession:
 
     def _begin_pass(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         first = args[0] if args and torch.is_tensor(args[0]) else None
+        # Every argument under its parameter name: model(ids, mask) and model(ids, cache)
+        # pass the mask or the KV cache by position (the tokens: ``first``, below).
+        named = {**dict(zip(self._positional, args, strict=False)), **kwargs} if args else kwargs
         embeds = kwargs.get("inputs_embeds")
         input_ids = kwargs.get("input_ids")
         if input_ids is None and embeds is None and first is not None:
@@ -237,7 +242,7 @@ class CaptureSession:
                 embeds = first
             else:
                 input_ids = first
-        mask = kwargs.get("attention_mask")
+        mask = named.get("attention_mask")
         if input_ids is not None:
             batch, seq_len = int(input_ids.shape[0]), int(input_ids.shape[-1])
         elif embeds is not None:
@@ -247,8 +252,8 @@ class CaptureSession:
                 "cannot tell the tokens of this forward pass: the instrumented model was called "
                 "without input_ids or inputs_embeds"
             )
-        _check_supported_cache(kwargs, mask)
-        past = _past_length(kwargs, mask, seq_len)
+        _check_supported_cache(named, mask)
+        past = _past_length(named, mask, seq_len)
         if past == 0 or self._live_sequences is None or len(self._live_sequences) != batch:
             self._live_sequences = np.arange(self._next_sequence, self._next_sequence + batch)
             self._next_sequence += batch
@@ -635,6 +640,21 @@ def _in_backward() -> bool:
     checkpointing recomputes blocks: not a new forward pass, nothing to record)."""
     task = getattr(torch._C, "_current_graph_task_id", None)
     return task is not None and int(task()) != -1
+
+
+def _positional_parameters(model: torch.nn.Module) -> tuple[str, ...]:
+    """The names that ``model(...)``'s positional arguments bind to, in order (up to a
+    ``*args``); empty when the forward's signature cannot be read."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    names = []
+    for p in params:
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            break
+        names.append(p.name)
+    return tuple(names)
 
 
 def _check_supported_cache(kwargs: Mapping[str, Any], mask: Any) -> None:

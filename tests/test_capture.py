@@ -283,6 +283,58 @@ def test_generate_without_attention_mask_continues_its_sequences(arch: str, tmp_
     )
 
 
+def test_a_mask_passed_by_position_is_used(tmp_path) -> None:
+    """model(ids, mask): the mask is the forward's second parameter. Read only from the
+    keywords, it was missed and left padding was stored as tokens, positions shifted."""
+    model = _tiny("llama")
+    fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1, chunk_rows=4))
+    fw.instrument_model(model)
+    tables = []
+    for i, call in enumerate(
+        (lambda: model(PROMPTS, attention_mask=MASK), lambda: model(PROMPTS, MASK))
+    ):
+        with fw.capture_activations(tmp_path / f"c{i}.zarr"), torch.no_grad():
+            call()
+        cap = open_capture(tmp_path / f"c{i}.zarr")
+        tables.append((cap.token_table(), {s: cap.read(s) for s in cap.sites}))
+    (by_name, rows_by_name), (by_position, rows_by_position) = tables
+    assert by_position["token_id"].tolist() == [5, 6, 7, 9, 8, 7, 6, 5, 4, 11, 12, 13, 14, 15]
+    assert by_position["position"].tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4]
+    for column in by_name:
+        assert np.array_equal(by_name[column], by_position[column]), column
+    for site in rows_by_name:
+        assert np.array_equal(rows_by_name[site], rows_by_position[site]), site
+
+
+def test_a_cache_passed_by_position_continues_its_sequence(tmp_path) -> None:
+    """model(next_token, past_key_values): GPT-2's forward takes the cache second. Read
+    only from the keywords, each decode step was stored as a new one-token sequence."""
+    model = _tiny("gpt2")
+    fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1, chunk_rows=4))
+    fw.instrument_model(model)
+    with fw.capture_activations(tmp_path / "c.zarr"), torch.no_grad():
+        out = model(torch.tensor([[9, 8, 7, 6]]), use_cache=True)
+        for token in (5, 4, 3):
+            out = model(torch.tensor([[token]]), out.past_key_values)
+    tok = open_capture(tmp_path / "c.zarr").token_table()
+    assert tok["sequence"].tolist() == [0] * 7
+    assert tok["position"].tolist() == list(range(7))
+    assert tok["step"].tolist() == [0, 0, 0, 0, 1, 2, 3]
+    assert tok["token_id"].tolist() == [9, 8, 7, 6, 5, 4, 3]
+
+
+def test_positional_parameters_stop_at_var_positional() -> None:
+    from llminstr.capture import _positional_parameters
+
+    class M(torch.nn.Module):
+        def forward(self, x, mask=None, *rest, cache=None):  # type: ignore[no-untyped-def]
+            return x
+
+    assert _positional_parameters(M()) == ("x", "mask")
+    first, second = _positional_parameters(_tiny("gpt2"))[:2]
+    assert first == "input_ids" and second in ("past_key_values", "cache")  # transformers 4, 5
+
+
 def test_outputs_identical_and_hooks_removed(tmp_path) -> None:
     model = _tiny("llama")
     ids = torch.randint(3, 90, (2, 7))
