@@ -291,7 +291,8 @@ def shift_rows(n: int) -> list[int]:
 
 
 def _median3(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    return np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), c))
+    out: np.ndarray = np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), c))
+    return out
 
 
 def _block_shift(raw: np.ndarray) -> np.ndarray:
