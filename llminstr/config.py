@@ -49,6 +49,8 @@ def check_torch_device(device: Any, label: str) -> None:
         dev = torch.device(device)
     except (RuntimeError, ValueError) as exc:
         raise ConfigError(f"{label} {device!r} is not a torch device: {exc}") from None
+    if dev.type == "meta":
+        raise ConfigError(f"{label} {device!r}: meta tensors hold no data to compute with")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             f"{label} {device!r}: CUDA is not available to this torch build ({torch.__version__})"

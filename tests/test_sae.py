@@ -265,6 +265,10 @@ def test_bfloat16_site_and_dask_input(tmp_path: Path) -> None:
         ({"normalize": "yes"}, "normalize"),
         ({"b_dec_init": "median"}, "b_dec_init"),
         ({"steps": 0}, "steps"),
+        ({"device": "meta"}, "meta tensors"),
+        ({"seed": 2**63}, "seed must be"),
+        ({"n_features": 10**12}, "n_features must be"),
+        ({"top_examples": 10**12}, "top_examples must be"),
     ],
 )
 def test_config_errors(options: dict[str, Any], match: str) -> None:
@@ -349,6 +353,120 @@ def test_steps_on_data_smaller_than_the_buffer_read_it_once_per_epoch(
     assert res.metrics["steps"] == steps and len(seen) == steps
     epoch_rows = np.concatenate(seen[:batches_per_epoch])
     np.testing.assert_array_equal(np.sort(epoch_rows), np.arange(rows))
+
+
+def test_numpy_numbers_in_options_become_python_numbers(tmp_path: Path) -> None:
+    """numpy integers passed the checks but then failed in torch's manual_seed and in
+    save_sae's JSON."""
+    cfg = SAEConfig(seed=np.int64(3), batch_size=np.int64(64), lr=np.float32(1e-3))
+    assert type(cfg.seed) is int and type(cfg.batch_size) is int and type(cfg.lr) is float
+    json.dumps(cfg.to_dict())
+
+
+def _save_pair(trained: SAEResult, out: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    save_sae(trained, out)
+    from safetensors.numpy import load_file
+
+    return load_file(str(out / "sae.safetensors")), json.loads((out / "sae.json").read_text())
+
+
+def _rewrite(out: Path, arrays: dict[str, np.ndarray], meta: Any, save_id: str) -> None:
+    """Replace a saved SAE's files, keeping their save_id pairing (a forger can copy it)."""
+    from safetensors.numpy import save_file
+
+    save_file(arrays, str(out / "sae.safetensors"), metadata={"save_id": save_id})
+    (out / "sae.json").write_text(meta if isinstance(meta, str) else json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    ("tamper", "match"),
+    [
+        (lambda a, m: a.update(W_enc=a["W_enc"][:-1]), "W_enc has shape"),
+        (lambda a, m: a.update(extra=np.zeros(2, np.float32)), "has others"),
+        (lambda a, m: a.pop("b_dec"), "lacks arrays"),
+        (lambda a, m: a["W_dec"].__setitem__((0, 0), np.nan), "W_dec holds NaN"),
+        (lambda a, m: a.update(W_enc=a["W_enc"].astype(np.float16)), "W_enc has dtype"),
+        (lambda a, m: a.update(top_row=a["top_row"][:, :1]), "top_row has shape"),
+        (lambda a, m: a.update(top_row=a["top_row"].astype(np.float32)), "top_row has dtype"),
+        (lambda a, m: m.update(d_in=8.7), "d_in must be"),
+        (lambda a, m: m.update(d_in="abc"), "d_in must be"),
+        (lambda a, m: m.pop("n_features"), "n_features must be"),
+        (lambda a, m: m.update(input_scale=0), "input_scale must be"),
+        (lambda a, m: m.update(input_scale="x"), "input_scale must be"),
+        (lambda a, m: m.update(config=["k"]), "config must be"),
+        (lambda a, m: m["config"].update(k="4"), "config: k must be"),
+        (lambda a, m: m["config"].update(n_features=4), "config says n_features 4"),
+        (lambda a, m: m["config"].update(n_features=None, k=m["n_features"] + 1), "exceed"),
+        (lambda a, m: m.update(metrics=[1, 2]), "metrics must be"),
+        (lambda a, m: m.update(loss_history="abc"), "loss_history must be"),
+        (lambda a, m: m.update(site=3), "site must be"),
+    ],
+)
+def test_load_refuses_tampered_files(
+    trained: SAEResult, tmp_path: Path, tamper: Any, match: str
+) -> None:
+    arrays, meta = _save_pair(trained, tmp_path / "sae")
+    tamper(arrays, meta)
+    _rewrite(tmp_path / "sae", arrays, meta, meta["save_id"])
+    with pytest.raises(FormatError, match=match):
+        load_sae(tmp_path / "sae")
+
+
+@pytest.mark.parametrize(
+    ("weights", "meta", "match"),
+    [
+        (b"\x80\x04\x95" + b"\0" * 64, None, "sae.safetensors cannot be read"),  # a pickle
+        (b"", None, "sae.safetensors cannot be read"),
+        (b"\xff" * 8 + b"{}", None, "sae.safetensors cannot be read"),  # a huge header length
+        (None, "{not json", "not valid JSON"),
+        (None, "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ],
+)
+def test_load_refuses_damaged_files(
+    trained: SAEResult, tmp_path: Path, weights: bytes | None, meta: str | None, match: str
+) -> None:
+    out = save_sae(trained, tmp_path / "sae")
+    if weights is not None:
+        (out / "sae.safetensors").write_bytes(weights)
+    if meta is not None:
+        (out / "sae.json").write_text(meta)
+    with pytest.raises(FormatError, match=match):
+        load_sae(out)
+
+
+def test_files_of_two_saves_are_refused_and_a_failed_save_keeps_the_old_one(
+    trained: SAEResult, tmp_path: Path
+) -> None:
+    """save_sae wrote the weights, then failed on the JSON: the directory held new
+    weights beside the previous save's config and metrics, and loaded without a word."""
+    first = save_sae(trained, tmp_path / "a")
+    second = save_sae(trained, tmp_path / "b")
+    (first / "sae.json").write_bytes((second / "sae.json").read_bytes())
+    with pytest.raises(FormatError, match="different saves"):
+        load_sae(first)
+
+    save_sae(trained, tmp_path / "c")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "c").iterdir()}
+    broken = trained.to_dict()
+    broken["metrics"] = {"fvu": object()}  # not JSON
+    with pytest.raises(TypeError):
+        save_sae(broken, tmp_path / "c")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "c").iterdir()} == before
+    load_sae(tmp_path / "c")
+
+
+def test_nonfinite_held_out_rows_are_refused(tmp_path: Path) -> None:
+    """Held-out rows are never trained on, so only the evaluation sees them: a NaN there
+    gave fvu=None and a lowered mean_l0 without a word."""
+    path = tmp_path / "nan.zarr"
+    x = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
+    cfg = SAEConfig(n_features=8, k=2, steps=5, batch_size=64, init_rows=16, held_out_fraction=0.3)
+    held = np.flatnonzero(held_out_mask(np.arange(300), 0.3, 0))
+    x[held[3], 5] = np.nan
+    with CaptureWriter(path, [SiteInfo("s", (8,))], chunk_rows=64) as w:
+        w.append(token_columns(np.arange(300)), {"s": x})
+    with pytest.raises(LlminstrError, match=rf"site 's' holds NaN or inf \(row {held[3]}\)"):
+        train_sae(open_capture(path), cfg, site="s")
 
 
 def test_nonfinite_rows_are_refused_not_trained_into_nan_weights(tmp_path: Path) -> None:

@@ -68,6 +68,10 @@ META_FILE = "sae.json"
 TOP_COLUMNS = ("row", "value", "token_id", "sequence", "position")
 _TOKEN_COLUMNS = ("token_id", "sequence", "position")
 _NUMPY_BLOCK_ROWS = 8192
+#: Upper bounds of the SAE's sizes, checked with the options: beyond them the weights or
+#: the top-example tables would not fit any machine's memory.
+MAX_SAE_FEATURES = 1 << 24
+MAX_TOP_EXAMPLES = 1 << 12
 
 RowsArg = slice | range | tuple[int, int] | None
 
@@ -77,12 +81,15 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _check_int(name: str, value: Any, low: int, *, allow_none: bool = False) -> None:
+def _check_int(
+    name: str, value: Any, low: int, *, allow_none: bool = False, high: int | None = None
+) -> None:
     if value is None and allow_none:
         return
-    if not _is_int(value) or int(value) < low:
+    if not _is_int(value) or int(value) < low or (high is not None and int(value) > high):
         extra = " or None" if allow_none else ""
-        raise ConfigError(f"{name} must be an integer >= {low}{extra}; got {value!r}")
+        span = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ConfigError(f"{name} must be an integer {span}{extra}; got {value!r}")
 
 
 def _check_float(
@@ -159,7 +166,13 @@ class SAEConfig:
     log_every: int = 50
 
     def __post_init__(self) -> None:
-        _check_int("n_features", self.n_features, 1, allow_none=True)
+        for f in dataclasses.fields(self):  # numpy numbers as Python ones (JSON, torch)
+            value = getattr(self, f.name)
+            if isinstance(value, np.integer):
+                object.__setattr__(self, f.name, int(value))
+            elif isinstance(value, np.floating):
+                object.__setattr__(self, f.name, float(value))
+        _check_int("n_features", self.n_features, 1, allow_none=True, high=MAX_SAE_FEATURES)
         _check_int("k", self.k, 1, allow_none=True)
         if self.n_features is not None and self.k is not None and self.k > self.n_features:
             raise ConfigError(f"k ({self.k}) must not exceed n_features ({self.n_features})")
@@ -168,7 +181,7 @@ class SAEConfig:
         _check_int("batch_size", self.batch_size, 1)
         if self.lr is not None:
             _check_float("lr", self.lr, 0.0, 1.0, low_open=True, high_open=False)
-        _check_int("seed", self.seed, 0)
+        _check_int("seed", self.seed, 0, high=2**63 - 1)
         check_torch_device(self.device, "device")
         _check_int("shuffle_buffer_rows", self.shuffle_buffer_rows, 1)
         if self.shuffle_buffer_rows < self.batch_size:
@@ -181,7 +194,7 @@ class SAEConfig:
         )
         if not isinstance(self.normalize, bool):
             raise ConfigError(f"normalize must be True or False; got {self.normalize!r}")
-        _check_int("top_examples", self.top_examples, 0)
+        _check_int("top_examples", self.top_examples, 0, high=MAX_TOP_EXAMPLES)
         if self.b_dec_init not in ("mean", "geometric_median"):
             raise ConfigError(
                 f"b_dec_init must be 'mean' or 'geometric_median'; got {self.b_dec_init!r}"
@@ -755,7 +768,7 @@ class _TopTracker:
 
 
 def _evaluate(
-    model: _TopK, blocks: _Blocks, cfg: SAEConfig, scale: float
+    model: _TopK, blocks: _Blocks, cfg: SAEConfig, scale: float, site: str | None
 ) -> tuple[dict[str, Any], np.ndarray, dict[str, np.ndarray]]:
     import torch
 
@@ -774,6 +787,9 @@ def _evaluate(
     eval_bs = max(cfg.batch_size, 1024)
     for i in range(len(blocks)):
         x_np, rows = blocks.read(i)
+        finite = np.isfinite(x_np).all(axis=tuple(range(1, x_np.ndim)))
+        if not finite.all():  # held-out rows were never checked in training
+            raise _nonfinite_error(site, int(rows[~finite].min()))
         toks = blocks.tokens(i)
         held = held_out_mask(rows, cfg.held_out_fraction, cfg.seed)
         feats, vals_all, pos_all = [], [], []
@@ -913,7 +929,7 @@ def train_sae(
         history.append(float(np.mean(window)))
     train_seconds = time.perf_counter() - started
 
-    metrics, freq, top = _evaluate(model, blocks, cfg, scale)
+    metrics, freq, top = _evaluate(model, blocks, cfg, scale, site)
     metrics.update(
         {
             "steps": steps,
@@ -987,19 +1003,29 @@ def sae_features(capture: Any, site: str, *, rows: RowsArg = None, **options: An
 
 
 # ---------------------------------------------------------------------------- persistence
+#: The largest ``sae.json`` load_sae reads (the loss history is its bulk).
+MAX_SAE_META_BYTES = 64 << 20
+_FLOAT_ARRAYS = ("W_enc", "b_enc", "W_dec", "b_dec", "top_value")
+_INT_ARRAYS = ("top_row", "top_token_id", "top_sequence", "top_position")
+
+
 def save_sae(result: SAEResult | Mapping[str, Any], directory: str | os.PathLike[str]) -> Path:
     """Write ``result`` to ``directory``: ``sae.safetensors`` (arrays) and ``sae.json``
-    (config, metrics, loss history, scale). No pickle is involved. Returns the directory."""
+    (config, metrics, loss history, scale). No pickle is involved. Returns the directory.
+
+    Both files are written under temporary names and then renamed over the old ones, and
+    they carry the same random ``save_id``: a save that fails leaves the previous one
+    readable, and a pair from two different saves is refused by :func:`load_sae`."""
+    import uuid
+
     from safetensors.numpy import save_file
 
     res = result if isinstance(result, SAEResult) else SAEResult.from_dict(result)
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: np.ascontiguousarray(v) for k, v in res.arrays().items()}
-    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": SAE_FORMAT})
+    save_id = uuid.uuid4().hex
     meta = {
         "format": SAE_FORMAT,
         "format_version": SAE_FORMAT_VERSION,
+        "save_id": save_id,
         "site": res.site,
         "d_in": res.d_in,
         "n_features": res.n_features,
@@ -1008,50 +1034,131 @@ def save_sae(result: SAEResult | Mapping[str, Any], directory: str | os.PathLike
         "metrics": res.metrics,
         "loss_history": res.loss_history,
     }
-    (out / META_FILE).write_text(json.dumps(meta, indent=2, allow_nan=True))
+    text = json.dumps(meta, indent=2, allow_nan=True)  # before any file is touched
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: np.ascontiguousarray(v) for k, v in res.arrays().items()}
+    tmp_weights = out / f".{WEIGHTS_FILE}.{save_id}.tmp"
+    tmp_meta = out / f".{META_FILE}.{save_id}.tmp"
+    try:
+        save_file(tensors, str(tmp_weights), metadata={"format": SAE_FORMAT, "save_id": save_id})
+        tmp_meta.write_text(text)
+        os.replace(tmp_weights, out / WEIGHTS_FILE)
+        os.replace(tmp_meta, out / META_FILE)
+    finally:
+        tmp_weights.unlink(missing_ok=True)
+        tmp_meta.unlink(missing_ok=True)
     return out
 
 
 def load_sae(directory: str | os.PathLike[str]) -> SAEResult:
-    """Read an SAE written by :func:`save_sae`."""
-    from safetensors.numpy import load_file
+    """Read an SAE written by :func:`save_sae`. The files are untrusted input: anything
+    that is not a consistent SAE of this format (shapes, dtypes, finite weights, the
+    config against the arrays, both files from one save) raises :class:`FormatError`."""
+    from safetensors import safe_open
 
     src = Path(directory)
+    meta_path, weights_path = src / META_FILE, src / WEIGHTS_FILE
+    where = str(src)
+
+    def bad(why: str) -> FormatError:
+        return FormatError(f"{where!r} is not a valid saved SAE: {why}")
+
     try:
-        meta = json.loads((src / META_FILE).read_text())
-        arrays = load_file(str(src / WEIGHTS_FILE))
+        with open(meta_path, "rb") as fh:
+            raw = fh.read(MAX_SAE_META_BYTES + 1)
     except FileNotFoundError as exc:
-        raise FormatError(f"{str(src)!r} is not a saved SAE: {exc}") from None
+        raise FormatError(f"{where!r} is not a saved SAE: {exc}") from None
+    except OSError as exc:
+        raise bad(f"{META_FILE} cannot be read ({exc})") from None
+    if len(raw) > MAX_SAE_META_BYTES:
+        raise bad(f"{META_FILE} is larger than {MAX_SAE_META_BYTES} bytes")
+    try:
+        meta = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad(f"{META_FILE} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise bad(f"{META_FILE} is nested too deeply") from None
     if not isinstance(meta, dict) or meta.get("format") != SAE_FORMAT:
-        raise FormatError(f"{str(src / META_FILE)!r} is not an llminstr SAE description")
+        raise FormatError(f"{str(meta_path)!r} is not an llminstr SAE description")
     if meta.get("format_version") != SAE_FORMAT_VERSION:
         raise FormatError(f"unsupported SAE format version {meta.get('format_version')!r}")
-    needed = {
-        "W_enc",
-        "b_enc",
-        "W_dec",
-        "b_dec",
-        "feature_frequency",
-        *(f"top_{c}" for c in TOP_COLUMNS),
-    }
-    missing = needed - set(arrays)
-    if missing:
-        raise FormatError(f"{str(src / WEIGHTS_FILE)!r} lacks arrays {sorted(missing)}")
-    d, n = int(meta["d_in"]), int(meta["n_features"])
-    shapes = {
+    if not weights_path.is_file():
+        raise FormatError(f"{where!r} is not a saved SAE: {WEIGHTS_FILE} is missing")
+    try:
+        with safe_open(str(weights_path), framework="np") as fh:
+            header = fh.metadata() or {}
+            arrays = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise bad(f"{WEIGHTS_FILE} cannot be read ({type(exc).__name__}: {exc})") from None
+    if header.get("save_id") != meta.get("save_id"):
+        raise bad(f"{WEIGHTS_FILE} and {META_FILE} come from different saves")
+
+    def integer(key: str) -> int:
+        value = meta.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise bad(f"{key} must be a positive integer; got {value!r}")
+        return value
+
+    d, n = integer("d_in"), integer("n_features")
+    scale = meta.get("input_scale")
+    if not (
+        isinstance(scale, (int, float))
+        and not isinstance(scale, bool)
+        and math.isfinite(scale)
+        and scale > 0
+    ):
+        raise bad(f"input_scale must be a finite positive number; got {scale!r}")
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        raise bad(f"config must be a JSON object; got {type(config).__name__}")
+    try:
+        cfg = SAEConfig.from_dict(config)
+        resolved = cfg.resolved(d)
+    except (ConfigError, TypeError) as exc:
+        raise bad(f"config: {exc}") from None
+    if cfg.n_features is not None and cfg.n_features != n:
+        raise bad(f"config says n_features {cfg.n_features}; the arrays have {n}")
+    assert resolved.k is not None
+    if resolved.k > n:
+        raise bad(f"config k ({resolved.k}) exceeds n_features ({n})")
+    metrics = meta.get("metrics", {})
+    history = meta.get("loss_history", [])
+    site = meta.get("site")
+    if not isinstance(metrics, dict):
+        raise bad(f"metrics must be a JSON object; got {type(metrics).__name__}")
+    if not isinstance(history, list) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in history
+    ):
+        raise bad("loss_history must be a list of numbers")
+    if site is not None and not isinstance(site, str):
+        raise bad(f"site must be a string or null; got {site!r}")
+
+    top = cfg.top_examples
+    expected = {
         "W_enc": (n, d),
         "b_enc": (n,),
         "W_dec": (d, n),
         "b_dec": (d,),
         "feature_frequency": (n,),
+        **{f"top_{c}": (n, top) for c in TOP_COLUMNS},
     }
-    for name, shape in shapes.items():
-        if arrays[name].shape != shape:
-            raise FormatError(f"SAE array {name} has shape {arrays[name].shape}; expected {shape}")
+    if set(arrays) != set(expected):
+        missing, extra = set(expected) - set(arrays), set(arrays) - set(expected)
+        raise bad(f"{WEIGHTS_FILE} lacks arrays {sorted(missing)} or has others {sorted(extra)}")
+    for name, shape in expected.items():
+        a = arrays[name]
+        if a.shape != shape:
+            raise FormatError(f"SAE array {name} has shape {a.shape}; expected {shape}")
+        kind = np.dtype(np.int64 if name in _INT_ARRAYS else np.float32)
+        if not (a.dtype.kind == "f" if name == "feature_frequency" else a.dtype == kind):
+            raise bad(f"array {name} has dtype {a.dtype}; expected {kind}")
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise bad(f"array {name} holds NaN or inf")
     return SAEResult(
-        config=SAEConfig.from_dict(meta["config"]),
+        config=cfg,
         d_in=d,
-        input_scale=float(meta["input_scale"]),
+        input_scale=float(scale),
         W_enc=arrays["W_enc"],
         b_enc=arrays["b_enc"],
         W_dec=arrays["W_dec"],
@@ -1062,7 +1169,7 @@ def load_sae(directory: str | os.PathLike[str]) -> SAEResult:
         top_token_id=arrays["top_token_id"],
         top_sequence=arrays["top_sequence"],
         top_position=arrays["top_position"],
-        metrics=dict(meta.get("metrics", {})),
-        loss_history=[float(v) for v in meta.get("loss_history", [])],
-        site=meta.get("site"),
+        metrics=dict(metrics),
+        loss_history=[float(v) for v in history],
+        site=site,
     )
