@@ -26,6 +26,7 @@ from llminstr.errors import (
     ConfigError,
     CorruptChunkError,
     FormatError,
+    LlminstrError,
     NotACaptureError,
     SiteNotFoundError,
 )
@@ -84,7 +85,9 @@ def _open_regular(path: str | os.PathLike[str], what: str, error: type[Exception
 
 def _hdf5_end_of_file(path: str) -> tuple[int, int] | None:
     """``(file size, end-of-file address)`` from an HDF5 superblock at offset 0, or None
-    when the superblock is not one this function knows (versions 0 to 3)."""
+    when the superblock is not one this function knows (versions 0 to 3). A file that
+    ends inside its superblock is refused at once (a writer writes the superblock whole
+    when it creates the file; HDF5's SWMR open of such a file never returns)."""
     with _open_regular(path, repr(path), NotACaptureError) as fh:
         size = os.fstat(fh.fileno()).st_size
         head = fh.read(96)
@@ -101,8 +104,12 @@ def _hdf5_end_of_file(path: str) -> tuple[int, int] | None:
         at = 12 + 2 * offsets  # then base, extension, end-of-file, root addresses
     else:
         return None
-    if offsets not in (2, 4, 8) or len(head) < at + offsets:
+    if offsets not in (2, 4, 8):
         return None
+    if len(head) < at + offsets:
+        raise NotACaptureError(
+            f"{path!r} is a truncated HDF5 file: it ends inside its superblock ({size} bytes)"
+        )
     return size, int.from_bytes(head[at : at + offsets], "little")
 
 
@@ -118,6 +125,72 @@ HDF5_LOCK_WAIT_S = 2.0
 
 #: HDF5's messages for a file whose superblock says "open for writing without SWMR".
 _H5_WRITE_MARKS = ("not already open for SWMR writing", "already open for write")
+
+
+#: HDF5's metadata read attempts for llminstr's SWMR readers. A metadata block whose
+#: checksum fails is read again, with a sleep that doubles each time and no cap: HDF5's
+#: default of 100 attempts for SWMR readers makes one damaged byte an open that does not
+#: return for days. 28 attempts sleep about 0.27 s in all, ample for a torn read of a
+#: block a live writer is rewriting (microseconds).
+HDF5_METADATA_READ_ATTEMPTS = 28
+
+_H5_ATTEMPTS_SETTER: list[Any] = []  # [function or None], found once
+
+
+def _hdf5_attempts_setter() -> Any:
+    """``H5Pset_metadata_read_attempts`` of the HDF5 library that h5py loaded (h5py does
+    not wrap it), or None where it cannot be found: then HDF5's default applies. Only a
+    library already loaded is used (``RTLD_NOLOAD``): a second copy of HDF5 would not
+    know h5py's property lists."""
+    if _H5_ATTEMPTS_SETTER:
+        return _H5_ATTEMPTS_SETTER[0]
+    import ctypes
+    import glob
+
+    import h5py
+
+    candidates = []
+    try:
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                path = line.split()[-1] if "/" in line else ""
+                name = os.path.basename(path)
+                if name.startswith("libhdf5") and not name.startswith("libhdf5_hl"):
+                    candidates.append(path)
+    except OSError:
+        pass
+    here = os.path.dirname(h5py.__file__)
+    for pattern in ("../h5py.libs/libhdf5-*", ".dylibs/libhdf5.*"):
+        candidates += sorted(glob.glob(os.path.join(here, pattern)))
+    setter = None
+    for path in dict.fromkeys(candidates):
+        try:
+            lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+            fn = lib.H5Pset_metadata_read_attempts
+        except (OSError, AttributeError):
+            continue
+        fn.argtypes = [ctypes.c_int64, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+        setter = fn
+        break
+    _H5_ATTEMPTS_SETTER.append(setter)
+    return setter
+
+
+def _open_swmr_reader(path: str) -> Any:
+    """``h5py.File(path, "r", swmr=True, libver=("v110", "v110"))`` with
+    :data:`HDF5_METADATA_READ_ATTEMPTS` where the HDF5 library allows setting it."""
+    import h5py
+
+    setter = _hdf5_attempts_setter()
+    if setter is None:
+        return h5py.File(path, "r", swmr=True, libver=("v110", "v110"))
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_libver_bounds(h5py.h5f.LIBVER_V110, h5py.h5f.LIBVER_V110)
+    if setter(fapl.id, HDF5_METADATA_READ_ATTEMPTS) < 0:
+        return h5py.File(path, "r", swmr=True, libver=("v110", "v110"))
+    fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ, fapl=fapl)
+    return h5py.File(fid)
 
 
 def _check_hdf5_length(path: str) -> None:
@@ -372,7 +445,6 @@ HDF5_MAX_OPEN_FILES = 16
 
 
 def _h5_file(path: str) -> Any:
-    import h5py
     import hdf5plugin  # noqa: F401  (registers the Blosc filter for direct reads too)
 
     st = os.stat(path)
@@ -391,7 +463,7 @@ def _h5_file(path: str) -> Any:
     deadline = time.monotonic() + HDF5_LOCK_WAIT_S
     while True:
         try:
-            f = h5py.File(path, "r", swmr=True, libver=("v110", "v110"))
+            f = _open_swmr_reader(path)
             break
         except OSError as exc:
             # HDF5's file lock (or, with locking off, the superblock's open-for-writing
@@ -737,82 +809,95 @@ class Capture:
                         f"and keeps every committed row. ({exc})"
                     ) from exc
                 raise NotACaptureError(f"{where} could not be opened as HDF5: {exc}") from exc
-            raw = f.attrs.get(ATTR_KEY)
-            if raw is None:
-                raise NotACaptureError(
-                    f"{where} is an HDF5 file without the '{ATTR_KEY}' root attribute"
-                )
-            root = parse_document(_h5_text(raw, where), where)
-            validate_root(_with_error_key(root), where)  # before any of its fields is used
-            # H5Drefresh shows a live writer's new commits. It is only safe while no other
-            # handle of the same dataset is open in the process: it corrupts HDF5's shared
-            # chunk index otherwise (reads then return other chunks' bytes; reproduced with
-            # h5py alone). llminstr's own handles are opened and closed under _H5_LOCK, and
-            # reads never refresh (see _read_hdf5_frame).
-            # A handle just opened, or one that already saw the final commit record, shows
-            # everything: refreshing it is needless, and risky beside foreign handles.
-            fresh = known is None or known[0] is not f
-            refresh = not fresh and id(f) not in _H5_SETTLED
-            rec_ds = _h5_dataset(f, COMMIT_DATASET, where)
-            if refresh:
-                rec_ds.id.refresh()
-            if rec_ds.shape != (4,):
+            try:
+                root = self._hdf5_read_root(f, known, where)
+            except LlminstrError:
+                raise
+            except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
+                # h5py's errors for damaged metadata (bad object headers, checksums that
+                # stay wrong, cyclic links) are the file's fault, not the caller's
                 raise FormatError(
-                    f"{where}: {COMMIT_DATASET} must have shape (4,); got {rec_ds.shape}"
+                    f"{where}: HDF5 cannot read the capture's metadata ({exc})"
+                ) from exc
+        return root
+
+    def _hdf5_read_root(self, f: Any, known: Any, where: str) -> dict[str, Any]:
+        """The root document of an open HDF5 capture, with the commit record applied, and
+        every array's document checked (called under ``_H5_LOCK``)."""
+        raw = f.attrs.get(ATTR_KEY)
+        if raw is None:
+            raise NotACaptureError(
+                f"{where} is an HDF5 file without the '{ATTR_KEY}' root attribute"
+            )
+        root = parse_document(_h5_text(raw, where), where)
+        validate_root(_with_error_key(root), where)  # before any of its fields is used
+        # H5Drefresh shows a live writer's new commits. It is only safe while no other
+        # handle of the same dataset is open in the process: it corrupts HDF5's shared
+        # chunk index otherwise (reads then return other chunks' bytes; reproduced with
+        # h5py alone). llminstr's own handles are opened and closed under _H5_LOCK, and
+        # reads never refresh (see _read_hdf5_frame).
+        # A handle just opened, or one that already saw the final commit record, shows
+        # everything: refreshing it is needless, and risky beside foreign handles.
+        fresh = known is None or known[0] is not f
+        refresh = not fresh and id(f) not in _H5_SETTLED
+        rec_ds = _h5_dataset(f, COMMIT_DATASET, where)
+        if refresh:
+            rec_ds.id.refresh()
+        if rec_ds.shape != (4,):
+            raise FormatError(f"{where}: {COMMIT_DATASET} must have shape (4,); got {rec_ds.shape}")
+        rec = rec_ds[...]
+        del rec_ds  # handles are closed under the lock (see _read_hdf5_frame)
+        if not np.issubdtype(rec.dtype, np.integer):
+            raise FormatError(f"{where}: {COMMIT_DATASET} must hold integers; got {rec.dtype}")
+        seq, rows, code = int(rec[0]), int(rec[1]), int(rec[2])
+        if code not in _STATUS_BY_CODE or rows < 0 or seq < 0:
+            raise FormatError(f"{where}: invalid commit record {rec.tolist()}")
+        # The commit record is authoritative while it is newer than the root attribute.
+        if seq >= int(root["commit_seq"]):
+            root["committed_rows"] = rows
+            root["status"] = _STATUS_BY_CODE[code]
+            root["commit_seq"] = seq
+        names = [(TOKENS_GROUP, c) for c in root["token_columns"]] + [
+            (ACTIVATIONS_GROUP, s) for s in root["sites"]
+        ]
+        for group, name in names:
+            key = f"{group}/{name}"
+            ds = _h5_dataset(f, key, where)
+            if refresh:
+                ds.id.refresh()  # after the commit record: every committed chunk is visible
+            doc = _array_doc(
+                key,
+                parse_document(
+                    _h5_text(ds.attrs.get(ATTR_KEY, "null"), f"{where}: {key}"),
+                    f"{where}: {key}",
+                ),
+                where,
+            )
+            features = list(_feature_shape(key, doc))
+            if list(ds.chunks or []) != [doc.get("chunk_rows"), *features]:
+                raise FormatError(
+                    f"{where}: dataset {key} has chunks {ds.chunks}; its metadata says "
+                    f"{[doc.get('chunk_rows'), *features]}"
                 )
-            rec = rec_ds[...]
-            del rec_ds  # handles are closed under the lock (see _read_hdf5_frame)
-            if not np.issubdtype(rec.dtype, np.integer):
-                raise FormatError(f"{where}: {COMMIT_DATASET} must hold integers; got {rec.dtype}")
-            seq, rows, code = int(rec[0]), int(rec[1]), int(rec[2])
-            if code not in _STATUS_BY_CODE or rows < 0 or seq < 0:
-                raise FormatError(f"{where}: invalid commit record {rec.tolist()}")
-            # The commit record is authoritative while it is newer than the root attribute.
-            if seq >= int(root["commit_seq"]):
-                root["committed_rows"] = rows
-                root["status"] = _STATUS_BY_CODE[code]
-                root["commit_seq"] = seq
-            names = [(TOKENS_GROUP, c) for c in root["token_columns"]] + [
-                (ACTIVATIONS_GROUP, s) for s in root["sites"]
-            ]
-            for group, name in names:
-                key = f"{group}/{name}"
-                ds = _h5_dataset(f, key, where)
-                if refresh:
-                    ds.id.refresh()  # after the commit record: every committed chunk is visible
-                doc = _array_doc(
-                    key,
-                    parse_document(
-                        _h5_text(ds.attrs.get(ATTR_KEY, "null"), f"{where}: {key}"),
-                        f"{where}: {key}",
-                    ),
-                    where,
+            _check_h5_filters(ds, key, doc, where)
+            if ds.maxshape[0] is not None or np.any(ds.fillvalue != 0):
+                raise FormatError(
+                    f"{where}: dataset {key} must be unlimited along rows with fill value 0; "
+                    f"got maxshape {ds.maxshape} and fill value {ds.fillvalue!r}"
                 )
-                features = list(_feature_shape(key, doc))
-                if list(ds.chunks or []) != [doc.get("chunk_rows"), *features]:
-                    raise FormatError(
-                        f"{where}: dataset {key} has chunks {ds.chunks}; its metadata says "
-                        f"{[doc.get('chunk_rows'), *features]}"
-                    )
-                _check_h5_filters(ds, key, doc, where)
-                if ds.maxshape[0] is not None or np.any(ds.fillvalue != 0):
-                    raise FormatError(
-                        f"{where}: dataset {key} must be unlimited along rows with fill value 0; "
-                        f"got maxshape {ds.maxshape} and fill value {ds.fillvalue!r}"
-                    )
-                if list(ds.shape[1:]) != features:
-                    raise FormatError(
-                        f"{where}: dataset {key} has shape {ds.shape}, unlike its metadata"
-                    )
-                if np.dtype(ds.dtype).name != doc.get("storage_dtype") or ds.dtype.byteorder == ">":
-                    raise FormatError(
-                        f"{where}: dataset {key} has dtype {ds.dtype}; its metadata says {doc.get('storage_dtype')}"
-                    )
-                self._new_docs[key] = doc
-                self._new_lengths[key] = int(ds.shape[0])
-                del ds
-            if root["status"] != "in_progress":
-                _H5_SETTLED.add(id(f))  # the writer is done: the file no longer changes
+            if list(ds.shape[1:]) != features:
+                raise FormatError(
+                    f"{where}: dataset {key} has shape {ds.shape}, unlike its metadata"
+                )
+            if np.dtype(ds.dtype).name != doc.get("storage_dtype") or ds.dtype.byteorder == ">":
+                raise FormatError(
+                    f"{where}: dataset {key} has dtype {ds.dtype}; its metadata says {doc.get('storage_dtype')}"
+                )
+            self._new_docs[key] = doc
+            self._new_lengths[key] = int(ds.shape[0])
+            del ds
+        if root["status"] != "in_progress":
+            _H5_SETTLED.add(id(f))  # the writer is done: the file no longer changes
         return cast(dict[str, Any], root)
 
     def _check_layout(self, root: dict[str, Any]) -> None:

@@ -133,6 +133,36 @@ def test_hdf5_signature_but_garbage(tmp_path: Path) -> None:
         open_capture(path)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("length", [12, 16, 24, 35])
+def test_hdf5_ending_inside_its_superblock(tmp_path: Path, length: int) -> None:
+    """HDF5's SWMR open of a file cut inside its superblock never returned."""
+    whole = make_capture(tmp_path / "c.h5").read_bytes()
+    path = tmp_path / "cut.h5"
+    path.write_bytes(whole[:length])
+    with pytest.raises(NotACaptureError, match="ends inside its superblock"):
+        open_capture(path)
+
+
+FIXTURE_H5 = Path(__file__).parents[1] / "format_spec" / "fixtures" / "complete_fp32_lz4.h5"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("offset", "mask"), [(69, 0x80), (187, 0x80), (403, 0x80), (51, 0xFF)])
+def test_hdf5_damaged_metadata_fails_fast(tmp_path: Path, offset: int, mask: int) -> None:
+    """One flipped byte in an HDF5 object header: HDF5 retried the checksum with a sleep
+    that doubles each time, 100 times by default for SWMR readers (the open ran for
+    hours), or h5py raised a bare RuntimeError (bad header version)."""
+    data = bytearray(FIXTURE_H5.read_bytes())
+    data[offset] ^= mask
+    path = tmp_path / "flip.h5"
+    path.write_bytes(bytes(data))
+    started = time.monotonic()
+    with pytest.raises((FormatError, NotACaptureError)):
+        open_and_read(path)
+    assert time.monotonic() - started < 20
+
+
 def test_plain_zarr_group(tmp_path: Path) -> None:
     import zarr
 
