@@ -260,6 +260,10 @@ DAMAGE = {
     ),
     "array document that is a FIFO": (f"{SITE}/zarr.json", "fifo"),
     "array document linked to /dev/zero": (f"{SITE}/zarr.json", "devzero"),
+    "sites as an object": ("zarr.json", lambda d: _root(d).update(sites={})),
+    "fill value beyond the dtype": (f"{SITE}/zarr.json", lambda d: d.update(fill_value=2**64)),
+    "chunk file of 3 GiB (sparse)": (f"{SITE}/c/0/0", "sparse"),
+    "chunk file cut inside its frame": (f"{SITE}/c/0/0", "cut"),
 }
 
 
@@ -272,6 +276,10 @@ def _damaged_copy(tmp_path: Path, damage: str) -> Path:
     elif edit == "fifo":
         (path / rel).unlink()
         os.mkfifo(path / rel)  # opening it for reading would block until a writer comes
+    elif edit == "sparse":  # no disk used; a reader that reads it whole takes 3 GiB
+        os.truncate(path / rel, 3 << 30)
+    elif edit == "cut":
+        os.truncate(path / rel, 40)
     elif edit == "devzero":
         (path / rel).unlink()
         (path / rel).symlink_to("/dev/zero")  # size 0 to stat, endless to read
@@ -294,3 +302,52 @@ def test_llminstr_rejects_the_same_damage(tmp_path: Path, damage: str) -> None:
         cap.token_table()
         for site in cap.sites:
             cap.read(site)
+
+
+def _h5_with_frame(tmp_path: Path, frame: bytes, mask: int) -> Path:
+    """An HDF5 capture whose chunk 0 of one site is replaced by ``frame``."""
+    import h5py
+
+    path = tmp_path / "c.h5"
+    with _writer(path, "float32", "lz4", False) as w:
+        tokens, acts = _data(40, "float32", 0)
+        w.append(tokens, acts)
+    with h5py.File(path, "r+") as f:
+        ds = f["activations"][next(iter(f["activations"]))]
+        ds.id.write_direct_chunk((0,) * ds.ndim, frame, filter_mask=mask)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("frame", "mask"),
+    [
+        (
+            b"\x02\x01\x13\x04"
+            + (10**6).to_bytes(4, "little")
+            + b"\0" * 4
+            + (112).to_bytes(4, "little")
+            + b"\0" * 4,
+            0,
+        ),
+        (b"\x00" * 109, 1),  # stored raw, but not a chunk's size
+    ],
+    ids=["blosc frame shorter than its header says", "raw chunk of the wrong size"],
+)
+def test_damaged_hdf5_frames_are_refused_by_both_readers(
+    tmp_path: Path, frame: bytes, mask: int
+) -> None:
+    """HDF5's Blosc filter checks no sizes: the standalone reader returned garbage rows."""
+    path = _h5_with_frame(tmp_path, frame, mask)
+    with pytest.raises(reader.CaptureFormatError, match="corrupt chunk"):
+        reader.read_capture(path)
+    with pytest.raises(LlminstrError), open_capture(path) as cap:
+        for site in cap.sites:
+            cap.read(site)
+
+
+def test_hdf5_file_cut_inside_its_superblock(tmp_path: Path) -> None:
+    whole = (FIXTURES / "complete_fp32_lz4.h5").read_bytes()
+    path = tmp_path / "cut.h5"
+    path.write_bytes(whole[:16])
+    with pytest.raises(reader.CaptureFormatError, match="truncated"):
+        reader.read_capture(path)

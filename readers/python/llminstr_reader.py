@@ -32,6 +32,11 @@ BLOSC_FILTER = 32001  # HDF5 registered filter id of Blosc
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}")  # SPEC 2.5: no "/" and no ".."
 
 
+#: What reading a malformed capture raises from json, numpy, zarr or h5py.
+_MALFORMED = (KeyError, TypeError, AttributeError, IndexError, ValueError, RecursionError)
+_MALFORMED += (OSError, RuntimeError, SystemError, OverflowError)
+
+
 class CaptureFormatError(ValueError):
     """The path is not a readable llminstr 1.x capture."""
 
@@ -60,6 +65,8 @@ def _check_root(root: dict[str, Any], where: str) -> None:
         raise CaptureFormatError(
             f"{where}: committed_rows, commit_seq, chunk_rows or status invalid"
         )
+    if not isinstance(root.get("token_columns"), list) or not isinstance(root.get("sites"), list):
+        raise CaptureFormatError(f"{where}: token_columns and sites must be lists")
     cols = list(root["token_columns"])
     if cols[:4] != ["token_id", "sequence", "position", "step"]:
         raise CaptureFormatError(f"{where}: token_columns must start with the four required ones")
@@ -95,6 +102,18 @@ def _check_array(doc: dict[str, Any], root: dict[str, Any], key: str, rows: int)
     return (int(root["chunk_rows"]), *feature)
 
 
+def _check_frame(head: bytes, size: int, raw: int, blosc: bool, crc: int, where: str) -> None:
+    """SPEC 4.3: a frame's sizes, checked before anything decodes it (``crc``: 4 or 0)."""
+    if blosc:  # the Blosc header announces the raw size and its own length
+        ok = len(head) >= 16 and 16 <= size - crc <= raw + 16
+        ok = ok and int.from_bytes(head[4:8], "little") == raw
+        ok = ok and int.from_bytes(head[12:16], "little") == size - crc
+    else:
+        ok = size == raw + crc
+    if not ok:
+        raise CaptureFormatError(f"{where}: corrupt chunk (frame sizes, SPEC 4.3)")
+
+
 def _read_zarr(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.ndarray]]:
     import zarr
 
@@ -125,15 +144,20 @@ def _read_zarr(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.
                 doc["codec"]
                 and meta["codecs"][1]["configuration"]["cname"] != doc["codec"]["cname"]
             )
+            or meta.get("fill_value") != 0
             or meta.get("chunk_key_encoding", {}).get("name") != "default"  # SPEC 5.3
             or meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/") != "/"
         ):
             raise CaptureFormatError(f"{key}: Zarr metadata disagrees with its document (SPEC 5.2)")
         count = -(-n // chunks[0])  # zarr fills missing chunks; SPEC 5.3 forbids that
+        raw = math.prod(chunks) * np.dtype(doc["storage_dtype"]).itemsize
         for k in [count - 1, *range(count - 1)] if count else []:  # the last first: a lying
             leaf = os.path.join(path, key, "c", str(k), *["0"] * (len(chunks) - 1))  # count
             if not os.path.isfile(leaf):  # fails at once
                 raise CaptureFormatError(f"{key}: committed chunk {k} is missing")
+            with open(leaf, "rb") as fh:
+                head, size = fh.read(16), os.fstat(fh.fileno()).st_size
+            _check_frame(head, size, raw, bool(doc["codec"]), 4 * bool(doc["checksum"]), leaf)
         docs[key] = doc
         data[key] = np.asarray(zarr.open_array(os.path.join(path, key), mode="r")[:n])
     return root, docs, data
@@ -147,7 +171,7 @@ def _read_hdf5(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.
         head, size = fh.read(64), os.fstat(fh.fileno()).st_size
     if head[8] in (2, 3) and head[9] in (4, 8):  # superblock v2/3: end-of-file address
         at, width = 12 + 2 * head[9], head[9]
-        if size < int.from_bytes(head[at : at + width], "little"):
+        if len(head) < at + width or size < int.from_bytes(head[at : at + width], "little"):
             raise CaptureFormatError(f"{path}: truncated HDF5 file")
     for attempt in range(100):  # SPEC 6.4: retry while a writer's final rewrite holds the file
         try:
@@ -186,6 +210,11 @@ def _read_hdf5(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.
                 raise CaptureFormatError(
                     f"{key}: HDF5 dataset disagrees with its document (SPEC 6.2)"
                 )
+            raw = math.prod(chunks) * ds.dtype.itemsize
+            for k in range(-(-n // chunks[0])):  # HDF5's Blosc filter checks no sizes
+                mask, frame = ds.id.read_direct_chunk((k * chunks[0], *[0] * (len(chunks) - 1)))
+                blosc = bool(doc["codec"]) and not mask & 1  # mask bit 0: stored raw
+                _check_frame(frame[:16], len(frame), raw, blosc, 0, f"{path}:{key}[{k}]")
             docs[key] = doc
             data[key] = ds[:n]  # rows >= n are never used (SPEC 7.1)
     return root, docs, data
@@ -204,8 +233,7 @@ def read_capture(path: str | os.PathLike[str]) -> dict[str, Any]:
         return _read_capture(os.fspath(path))
     except CaptureFormatError:
         raise
-    except (KeyError, TypeError, AttributeError, IndexError, ValueError, RecursionError) as exc:
-        # a missing key, a value of the wrong type, bad JSON, a failed checksum...
+    except _MALFORMED as exc:  # a missing key, a wrong type, bad JSON, HDF5's errors...
         raise CaptureFormatError(
             f"{path}: malformed capture ({type(exc).__name__}: {exc})"
         ) from exc
