@@ -188,6 +188,7 @@ class CaptureSession:
         self._extra_columns = ["is_padding"] if config.padding == "keep" else []
         self.failed: BaseException | None = None
         self._positional = _positional_parameters(model)
+        self._warned_unnamed = False
 
     # ---------------------------------------------------------------- hook management
     def attach(self) -> None:
@@ -227,6 +228,15 @@ class CaptureSession:
         # Every argument under its parameter name: model(ids, mask) and model(ids, cache)
         # pass the mask or the KV cache by position (the tokens: ``first``, below).
         named = {**dict(zip(self._positional, args, strict=False)), **kwargs} if args else kwargs
+        if len(args) > max(1, len(self._positional)) and not self._warned_unnamed:
+            self._warned_unnamed = True
+            log.warning(
+                "capture_activations: the model was called with %d positional arguments but "
+                "its forward names only %d; a mask or KV cache among the others is not seen "
+                "(pass attention_mask= and past_key_values= by keyword)",
+                len(args),
+                len(self._positional),
+            )
         embeds = kwargs.get("inputs_embeds")
         input_ids = kwargs.get("input_ids")
         if input_ids is None and embeds is None and first is not None:
@@ -644,17 +654,27 @@ def _in_backward() -> bool:
 
 def _positional_parameters(model: torch.nn.Module) -> tuple[str, ...]:
     """The names that ``model(...)``'s positional arguments bind to, in order (up to a
-    ``*args``); empty when the forward's signature cannot be read."""
-    try:
-        params = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):
-        return ()
-    names = []
-    for p in params:
-        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-            break
-        names.append(p.name)
-    return tuple(names)
+    ``*args``); empty when the forward's signature cannot be read. A wrapper whose
+    forward takes only ``*args`` (``torch.compile``'s module, ``DataParallel``, a
+    passthrough) is looked through to the module it wraps."""
+    seen: set[int] = set()
+    current: Any = model
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        try:
+            params = list(inspect.signature(current.forward).parameters.values())
+        except (TypeError, ValueError, AttributeError):
+            return ()
+        names = []
+        for p in params:
+            if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+                break
+            names.append(p.name)
+        if names or not any(p.kind is p.VAR_POSITIONAL for p in params):
+            return tuple(names)
+        inner = getattr(current, "_orig_mod", None) or getattr(current, "module", None)
+        current = inner if isinstance(inner, torch.nn.Module) else None
+    return ()
 
 
 def _check_supported_cache(kwargs: Mapping[str, Any], mask: Any) -> None:

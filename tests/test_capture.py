@@ -323,6 +323,38 @@ def test_a_cache_passed_by_position_continues_its_sequence(tmp_path) -> None:
     assert tok["token_id"].tolist() == [9, 8, 7, 6, 5, 4, 3]
 
 
+class _Passthrough(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner(*args, **kwargs)
+
+
+def test_a_mask_passed_by_position_through_a_wrapper(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A wrapper whose forward takes only ``*args`` (DataParallel, torch.compile's
+    module) is looked through to the module it wraps; one that cannot be looked through
+    gets a warning rather than silently storing padding as tokens."""
+    wrapped = torch.nn.DataParallel(_tiny("llama"))
+    fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1, chunk_rows=4))
+    fw.instrument_model(wrapped)
+    with fw.capture_activations(tmp_path / "dp.zarr"), torch.no_grad():
+        wrapped(PROMPTS, MASK)
+    assert open_capture(tmp_path / "dp.zarr").num_rows == int(MASK.sum())
+
+    opaque = _Passthrough(_tiny("llama"))
+    fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.1, chunk_rows=4))
+    fw.instrument_model(opaque)
+    with (
+        caplog.at_level("WARNING", logger="llminstr"),
+        fw.capture_activations(tmp_path / "p.zarr"),
+        torch.no_grad(),
+    ):
+        opaque(PROMPTS, MASK)
+    assert "pass attention_mask= and past_key_values= by keyword" in caplog.text
+
+
 def test_positional_parameters_stop_at_var_positional() -> None:
     from llminstr.capture import _positional_parameters
 
@@ -331,6 +363,8 @@ def test_positional_parameters_stop_at_var_positional() -> None:
             return x
 
     assert _positional_parameters(M()) == ("x", "mask")
+    compiled = torch.compile(_tiny("gpt2"), backend="eager")
+    assert _positional_parameters(compiled)[0] == "input_ids"  # its module's forward
     first, second = _positional_parameters(_tiny("gpt2"))[:2]
     assert first == "input_ids" and second in ("past_key_values", "cache")  # transformers 4, 5
 
