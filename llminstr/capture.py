@@ -645,6 +645,17 @@ class _Hook:
         return _inert_hook
 
 
+def capture_active(model: torch.nn.Module) -> bool:
+    """Whether a ``capture_activations`` block is recording ``model`` (or a module in it)
+    now: its hooks are registered only for the length of the block."""
+    return any(
+        isinstance(hook, _Hook)
+        for module in model.modules()
+        for hooks in (module._forward_pre_hooks, module._forward_hooks)
+        for hook in hooks.values()
+    )
+
+
 def _in_backward() -> bool:
     """Whether autograd is running a backward pass on this thread (where activation
     checkpointing recomputes blocks: not a new forward pass, nothing to record)."""

@@ -234,6 +234,64 @@ def test_sequences_reassembled_across_steps(tmp_path: Path) -> None:
     np.testing.assert_array_equal(seqs[2], [40])
 
 
+def test_sequences_first_seen_past_position_zero_take_no_candidate_place(tmp_path: Path) -> None:
+    """Thirty sequences whose position 0 lies before the rows given, then ten complete
+    ones: the partial ones filled the candidate list, and n_sequences=1 found none."""
+    rows = [(s, p, 100 + s, 0) for s in range(30) for p in (5, 6)]
+    rows += [(30 + s, p, 200 + s, 1) for s in range(10) for p in range(3)]
+    seq, pos, tok, step = (np.array(c) for c in zip(*rows, strict=True))
+    path = tmp_path / "partial.zarr"
+    with CaptureWriter(path, [SiteInfo("s", (2,), "float32")], chunk_rows=16) as writer:
+        writer.append(
+            {"token_id": tok, "sequence": seq, "position": pos, "step": step},
+            {"s": np.zeros((len(rows), 2), np.float32)},
+        )
+    cap = open_capture(path)
+    for n in (1, 3):
+        seqs, ids, skipped = _sequences(cap, (0, cap.num_rows), n)
+        assert ids == list(range(30, 30 + n)) and skipped == 30
+        np.testing.assert_array_equal(seqs[0], [200, 200, 200])
+
+
+def test_interventional_refuses_nonfinite_means(gpt2_capture: tuple[Any, Capture, str]) -> None:
+    model, cap, _ = gpt2_capture
+    names = cap.sites[:2]
+    means = {names[0]: np.full(32, np.nan), names[1]: np.zeros(32)}
+    with pytest.raises(LlminstrError, match=rf"site '{names[0]}' holds NaN or inf"):
+        causal_graph(cap, names, model=model, means=means, n_sequences=1).compute()
+
+
+def test_interventional_refused_inside_a_capture(
+    gpt2_capture: tuple[Any, Capture, str], tmp_path: Path
+) -> None:
+    """Computed inside a capture_activations block, the graph's re-runs of the model were
+    recorded into that capture (252 rows where the block ran 12)."""
+    from llminstr.config import InstrumentationConfig
+    from llminstr.errors import CaptureStateError
+    from llminstr.framework import InstrumentationFramework
+
+    model, cap, _ = gpt2_capture
+    fw = InstrumentationFramework(InstrumentationConfig(chunk_rows=64))
+    fw.instrument_model(model)
+    with fw.capture_activations(tmp_path / "new.zarr"), torch.no_grad():
+        model(torch.zeros((1, 4), dtype=torch.long))
+        graph = causal_graph(cap, cap.sites[:2], model=model, n_sequences=1)
+        with pytest.raises(CaptureStateError, match="after the block"):
+            graph.compute()
+    assert open_capture(tmp_path / "new.zarr").num_rows == 4
+    causal_graph(cap, cap.sites[:2], model=model, n_sequences=1).compute()  # after: fine
+
+
+@pytest.mark.parametrize("key", ["means", "rows", "sites", "model"])
+def test_analyze_refuses_causal_options_it_sets_itself(
+    sem_capture: tuple[Capture, set[tuple[int, int]]], key: str
+) -> None:
+    from llminstr.analysis import analyze_activations
+
+    with pytest.raises(ConfigError, match="causal_options cannot set"):
+        analyze_activations(sem_capture[0], causal_options={key: None})
+
+
 def test_errors(
     sem_capture: tuple[Capture, set[tuple[int, int]]], gpt2_capture: tuple[Any, Capture, str]
 ) -> None:

@@ -162,6 +162,12 @@ def analyze_activations(
     parts = _check_include(include)
     sae_opts = _check_options("sae_options", sae_options)
     causal_opts = _check_options("causal_options", causal_options)
+    given = sorted({"sites", "rows", "model", "means", "capture"} & set(causal_opts))
+    if given:
+        raise ConfigError(
+            f"causal_options cannot set {given}: analyze_activations passes them itself (use its "
+            "sites=, rows= and model= arguments; the means come from the statistics)"
+        )
     stats_opts = _check_options("statistics_options", statistics_options)
     unknown = sorted(set(stats_opts) - set(STATISTICS_OPTIONS))
     if unknown:

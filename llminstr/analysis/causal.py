@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from llminstr.analysis._common import resolve_rows
-from llminstr.errors import ConfigError, LlminstrError, SiteNotFoundError
+from llminstr.errors import CaptureStateError, ConfigError, LlminstrError, SiteNotFoundError
 
 __all__ = ["LOGITS_NODE", "causal_graph", "interventional_graph", "observational_graph"]
 
@@ -535,6 +535,9 @@ def _sequences(
     cr = capture.chunk_rows
     picked: list[int] = []
     parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+    # A sequence's rows come in increasing positions (each pass appends later ones): one
+    # first seen past position 0 cannot be complete here and takes no candidate's place.
+    partial: set[int] = set()
     start = span[0]
     while start < span[1]:
         stop = min(span[1], (start // cr + 1) * cr)
@@ -545,7 +548,11 @@ def _sequences(
             keep &= table["is_padding"] == 0
         seq, pos, tok = seq[keep], pos[keep], tok[keep]
         for s in dict.fromkeys(seq.tolist()):
-            if s not in parts and len(picked) < 4 * n_seq + 16:
+            if s in parts or s in partial:
+                continue
+            if pos[np.argmax(seq == s)] != 0:
+                partial.add(s)
+            elif len(picked) < 4 * n_seq + 16:
                 picked.append(s)
                 parts[s] = []
         mask = np.isin(seq, picked)
@@ -555,7 +562,7 @@ def _sequences(
         start = stop
     out: list[np.ndarray] = []
     ids: list[int] = []
-    skipped = 0
+    skipped = len(partial)
     for s in picked:
         if len(out) == n_seq:
             break
@@ -682,6 +689,13 @@ def _forward(
     return acts, logits
 
 
+def _nonfinite(site: str, why: str) -> LlminstrError:
+    return LlminstrError(
+        f"site {site!r} holds NaN or inf ({why}): the causal graph needs finite data (the "
+        "statistics' nonfinite_count shows where); choose sites or rows without them"
+    )
+
+
 def _interventional_run(
     path: str,
     nodes: list[dict[str, Any]],
@@ -704,6 +718,14 @@ def _interventional_run(
         raise LlminstrError(
             "no complete token sequence (positions 0..L-1 with known token ids) in the capture "
             "rows; the interventional graph cannot re-run the model"
+        )
+    from llminstr.capture import capture_active
+
+    if capture_active(model):
+        raise CaptureStateError(
+            "the interventional causal graph re-runs the model, and a capture_activations "
+            "block is recording it: the re-runs would be stored in that capture. Compute the "
+            "graph after the block"
         )
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
@@ -730,6 +752,8 @@ def _interventional_run(
                 f"means[{node['name']!r}] has {m.size} values; the site's feature shape is "
                 f"{node['feature_shape']}"
             )
+        if not np.isfinite(m).all():
+            raise _nonfinite(node["name"], "its mean over the capture is not finite")
         mean_t[i] = torch.as_tensor(m).reshape(tuple(node["feature_shape"]))
     diff = np.zeros((count, count))  # [source, target] sum of ||delta||
     norm = np.zeros(count)  # sum of ||clean||
@@ -776,6 +800,11 @@ def _interventional_run(
     finally:
         recorder.ablate = None
         model.train(was_training)
+    for t in range(count):  # an overflow in the re-run (a float16 model, say)
+        if not (math.isfinite(norm[t]) and np.isfinite(diff[:, t]).all()):
+            raise _nonfinite(nodes[t]["name"], "the re-run forward passes gave NaN or inf there")
+    if has_logits and not np.isfinite(kl).all():
+        raise _nonfinite(LOGITS_NODE, "the re-run forward passes gave NaN or inf logits")
     edges: list[dict[str, Any]] = []
     for s in range(count):
         for t in range(s + 1, count):
