@@ -108,8 +108,7 @@ class MemoryBudget:
                         self._cond.wait(timeout=0.2)
                     if self._poison is not None:
                         raise WriterFailedError(
-                            "the capture pipeline failed while waiting for buffer memory: "
-                            f"{self._poison!r}"
+                            f"the capture pipeline failed: {self._poison}"
                         ) from self._poison
                     if self._used + nbytes <= self.limit:
                         self._take(nbytes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -779,3 +780,85 @@ def test_automatic_chunks_fit_rows_wider_than_the_minimum_allows(tmp_path: Path)
         )
         assert w.budget.peak <= 50_000_000
     assert np.array_equal(open_capture(tmp_path / "w.zarr").read("wide"), rows)
+
+
+# ---------------------------------------------------------------------- full disk, Ctrl-C
+@pytest.mark.timeout(30)
+def test_failed_zarr_chunk_write_leaves_no_temp_file_and_names_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk write that fails (a full disk) left its temporary file in the capture,
+    holding space, and the error named no file."""
+    path = tmp_path / "c.zarr"
+    w = CaptureWriter(path, [SiteInfo("a", (8,))], chunk_rows=4, commit_interval_s=1e9)
+    full = FailOnNth(os.writev, 3, OSError(28, "No space left on device"))
+    monkeypatch.setattr(backends_mod.os, "writev", full)
+    with pytest.raises(WriterFailedError) as info:
+        for i in range(100):
+            w.append(token_columns(4, 4 * i), {"a": rows(4, 8, 4 * i)})
+            time.sleep(0.01)
+    monkeypatch.undo()
+    assert "No space left on device" in str(info.value) and str(path) in str(info.value)
+    with pytest.raises(WriterFailedError):
+        w.close()
+    assert [p for p in path.rglob("*.tmp")] == []
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("nth", [1, 4, 8])  # which document's rename fails (Zarr)
+def test_a_capture_that_cannot_be_created_leaves_nothing(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nth: int
+) -> None:
+    """A full disk while the Zarr store was laid out left a directory without a root
+    document, which then made even overwrite=True refuse the path."""
+    path = tmp_path / f"c{backend}"
+    if backend == ".h5":  # the file exists, the layout inside it fails
+        real = backends_mod.HDF5Backend._create
+
+        def create_then_fail(self: Any, *args: Any) -> None:
+            real(self, *args)
+            raise OSError(28, "No space left")
+
+        monkeypatch.setattr(backends_mod.HDF5Backend, "_create", create_then_fail)
+    else:
+        full = FailOnNth(os.replace, nth, OSError(28, "No space left"))
+        monkeypatch.setattr(backends_mod.os, "replace", full)
+    with pytest.raises(OSError, match="cannot create the capture") as info:
+        CaptureWriter(path, [SiteInfo("a", (8,))], chunk_rows=4)
+    assert str(path) in str(info.value)
+    monkeypatch.undo()
+    assert not path.exists()
+    assert not Path(str(path) + ".lock").exists()
+    with CaptureWriter(path, [SiteInfo("a", (8,))], chunk_rows=4) as w:  # no overwrite needed
+        w.append(token_columns(4), {"a": rows(4, 8)})
+    assert open_capture(path).num_rows == 4
+
+
+@pytest.mark.timeout(30)
+def test_ctrl_c_while_closing_propagates_and_aborts(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while close() waited for the last frames became a WriterFailedError saying
+    that rows up to the last commit were kept, whatever then reached the disk."""
+    path = tmp_path / f"c{backend}"
+    w = CaptureWriter(path, [SiteInfo("a", (8,))], chunk_rows=4, commit_interval_s=1e9)
+    w.append(token_columns(10), {"a": rows(10, 8)})
+    assert w.commit() == 10
+    w.append(token_columns(3, 10), {"a": rows(3, 8, 10)})
+    original = CaptureWriter._drain
+    calls = []
+
+    def interrupted(self: CaptureWriter) -> None:
+        calls.append(1)
+        original(self)  # the frames are on disk; the interrupt hits right after
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(CaptureWriter, "_drain", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        w.close()
+    assert w.closed and not Path(str(path) + ".lock").exists()
+    with open_capture(path) as cap:
+        assert cap.status == "aborted" and "interrupted while closing" in cap.metadata["error"]
+        assert cap.num_rows >= 10
+        np.testing.assert_array_equal(cap.read("a"), rows(cap.num_rows, 8))

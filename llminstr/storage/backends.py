@@ -7,6 +7,7 @@ records (:meth:`publish`). It never encodes data itself.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -131,12 +132,33 @@ def zarr_array_document(decl: ArrayDecl, codec: CodecConfig) -> dict[str, Any]:
 def atomic_write(path: Path, data: bytes, *, fsync: bool = False) -> None:
     """Write ``data`` to ``path`` so that readers see the old or the new content, never a mix."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        if fsync:
-            fh.flush()
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        _discard(tmp)
+        raise _with_path(exc, path) from exc
+    except BaseException:
+        _discard(tmp)
+        raise
+
+
+def _discard(tmp: Path) -> None:
+    """Remove a temporary file a failed write left (it holds space on a full disk)."""
+    with contextlib.suppress(OSError):
+        tmp.unlink()
+
+
+def _with_path(exc: OSError, path: Path) -> OSError:
+    """``exc`` naming ``path`` when it names no file (``os.writev`` and ``os.write`` give
+    ``[Errno 28] No space left on device`` alone)."""
+    if exc.filename is not None:
+        return exc
+    return type(exc)(exc.errno, f"{exc.strerror or exc} (writing {str(path)!r})")
 
 
 class StoreBackend(ABC):
@@ -174,6 +196,20 @@ class StoreBackend(ABC):
     def close(self, root: dict[str, Any]) -> None:
         """Publish the final document and release every handle. Idempotent."""
 
+    def discard(self) -> None:
+        """Remove what a failed :meth:`create` made (after :meth:`abandon`): only what this
+        backend created itself, never a path that existed before."""
+        if not self._created:
+            return
+        with contextlib.suppress(OSError):
+            if self.path.is_dir() and not self.path.is_symlink():
+                shutil.rmtree(self.path)
+            else:
+                self.path.unlink()
+
+    _created = False
+    path: Path
+
     def abandon(self) -> None:  # noqa: B027 (optional hook, nothing to do by default)
         """Release threads and handles without publishing (after a failure). Idempotent."""
 
@@ -198,6 +234,7 @@ class ZarrBackend(StoreBackend):
         # content and tests compare them with zarr-python's own): creating forty arrays
         # through zarr's API took ~0.3 s, all of it on the first forward pass of a capture.
         self.path.mkdir(parents=False, exist_ok=False)
+        self._created = True
         self._root_doc: dict[str, Any] = {
             "attributes": {ATTR_KEY: root},
             "zarr_format": 3,
@@ -229,19 +266,26 @@ class ZarrBackend(StoreBackend):
                 self._made_dirs.add(folder)
         target = folder / leaf
         tmp = folder / f".{leaf}.{threading.get_ident()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            views = [memoryview(p) for p in parts]
-            total = sum(v.nbytes for v in views)
-            written = os.writev(fd, views)
-            while written < total:  # short write: finish it part by part
-                flat = b"".join(bytes(v) for v in views)
-                written += os.write(fd, flat[written:])
-            if self.fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                views = [memoryview(p) for p in parts]
+                total = sum(v.nbytes for v in views)
+                written = os.writev(fd, views)
+                while written < total:  # short write: finish it part by part
+                    flat = b"".join(bytes(v) for v in views)
+                    written += os.write(fd, flat[written:])
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, target)
+        except OSError as exc:
+            _discard(tmp)
+            raise _with_path(exc, target) from exc
+        except BaseException:
+            _discard(tmp)
+            raise
 
     def publish(self, root: dict[str, Any]) -> None:
         rows = int(root["committed_rows"])
@@ -285,6 +329,7 @@ class HDF5Backend(StoreBackend):
         import hdf5plugin
 
         f = h5py.File(self.path, "w-", libver=("v110", "v110"))
+        self._created = True
         self._file = f
         f.attrs[ATTR_KEY] = json.dumps(root, allow_nan=False)
         groups = {

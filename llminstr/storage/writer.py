@@ -37,6 +37,7 @@ from llminstr.errors import (
     CaptureLockedError,
     ConfigError,
     FormatError,
+    LlminstrError,
     SiteNotFoundError,
     WriterClosedError,
     WriterFailedError,
@@ -412,11 +413,24 @@ class CaptureWriter:
                 else HDF5Backend(self.path, fsync=fsync)
             )
             self._backend.create(self._root, arrays, self.codec_config)
-        except BaseException:
+        except BaseException as exc:
             backend = getattr(self, "_backend", None)
             if backend is not None:
                 backend.abandon()
+                # A half-made capture (no root document: a full disk, say) is no capture:
+                # left behind, it would make overwrite=True refuse the path.
+                backend.discard()
             self._lock.release()
+            if isinstance(exc, OSError) and not isinstance(exc, LlminstrError):
+                try:
+                    named = type(exc)(
+                        exc.errno, f"cannot create the capture {str(self.path)!r}: {exc}"
+                    )
+                except TypeError:
+                    named = OSError(
+                        exc.errno, f"cannot create the capture {str(self.path)!r}: {exc}"
+                    )
+                raise named from exc
             raise
 
         self._pool_lock = threading.Lock()
@@ -904,10 +918,16 @@ class CaptureWriter:
             if self._closed:
                 return
             misaligned: str | None = None
+            # Ctrl-C (or SystemExit) while closing: stop waiting, publish what is durable
+            # as aborted, and re-raise it as it is: the writer itself did not fail.
+            interrupt: BaseException | None = None
             try:
                 if self._error is None:
                     try:
                         self._flush_tails()
+                    except (KeyboardInterrupt, SystemExit) as exc:
+                        interrupt = exc
+                        status, error = "aborted", f"interrupted while closing: {exc!r}"
                     except BaseException as exc:
                         self._fail(exc)
                 counts = {s.decl.key: s.rows for s in self._states.values()}
@@ -919,6 +939,8 @@ class CaptureWriter:
                     error = error or f"writer failed: {self._error!r}"
                 try:
                     self._publish(status=status, error=error)
+                except (KeyboardInterrupt, SystemExit) as exc:
+                    interrupt = interrupt or exc
                 except BaseException as exc:
                     self._fail(exc)
             finally:
@@ -929,6 +951,8 @@ class CaptureWriter:
                 self._release_buffers()
                 self._lock.release()
                 self._finalizer.detach()
+            if interrupt is not None:
+                raise interrupt
             if self._error is not None:
                 raise WriterFailedError(
                     f"the writer of {str(self.path)!r} failed; rows up to the last commit "
