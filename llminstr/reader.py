@@ -138,10 +138,11 @@ _H5_ATTEMPTS_SETTER: list[Any] = []  # [function or None], found once
 
 
 def _hdf5_attempts_setter() -> Any:
-    """``H5Pset_metadata_read_attempts`` of the HDF5 library that h5py loaded (h5py does
-    not wrap it), or None where it cannot be found: then HDF5's default applies. Only a
-    library already loaded is used (``RTLD_NOLOAD``): a second copy of HDF5 would not
-    know h5py's property lists."""
+    """``H5Pset_metadata_read_attempts`` of the HDF5 library that h5py uses (h5py does not
+    wrap it), or None where it cannot be found: then HDF5's default applies. Only copies
+    already loaded are tried (``RTLD_NOLOAD``), h5py's own first, and one is taken only
+    if it knows a property list h5py just made (``H5Iis_valid``): another copy of HDF5 in
+    the process (pytables', netCDF4's) would not."""
     if _H5_ATTEMPTS_SETTER:
         return _H5_ATTEMPTS_SETTER[0]
     import ctypes
@@ -149,7 +150,10 @@ def _hdf5_attempts_setter() -> Any:
 
     import h5py
 
+    here = os.path.dirname(h5py.__file__)
     candidates = []
+    for pattern in ("../h5py.libs/libhdf5-*", ".dylibs/libhdf5.*"):
+        candidates += sorted(glob.glob(os.path.join(here, pattern)))
     try:
         with open("/proc/self/maps") as fh:
             for line in fh:
@@ -159,18 +163,18 @@ def _hdf5_attempts_setter() -> Any:
                     candidates.append(path)
     except OSError:
         pass
-    here = os.path.dirname(h5py.__file__)
-    for pattern in ("../h5py.libs/libhdf5-*", ".dylibs/libhdf5.*"):
-        candidates += sorted(glob.glob(os.path.join(here, pattern)))
+    probe = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
     setter = None
-    for path in dict.fromkeys(candidates):
+    for path in dict.fromkeys(os.path.realpath(c) for c in candidates):
         try:
             lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
-            fn = lib.H5Pset_metadata_read_attempts
+            valid, fn = lib.H5Iis_valid, lib.H5Pset_metadata_read_attempts
         except (OSError, AttributeError):
             continue
-        fn.argtypes = [ctypes.c_int64, ctypes.c_uint]
-        fn.restype = ctypes.c_int
+        valid.argtypes, valid.restype = [ctypes.c_int64], ctypes.c_int
+        if valid(probe.id) <= 0:
+            continue  # another copy of HDF5: h5py's identifiers mean nothing to it
+        fn.argtypes, fn.restype = [ctypes.c_int64, ctypes.c_uint], ctypes.c_int
         setter = fn
         break
     _H5_ATTEMPTS_SETTER.append(setter)

@@ -267,13 +267,41 @@ def test_bfloat16_site_and_dask_input(tmp_path: Path) -> None:
         ({"steps": 0}, "steps"),
         ({"device": "meta"}, "meta tensors"),
         ({"seed": 2**63}, "seed must be"),
-        ({"n_features": 10**12}, "n_features must be"),
-        ({"top_examples": 10**12}, "top_examples must be"),
     ],
 )
 def test_config_errors(options: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         SAEConfig(**options)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [({"n_features": 10**12}, "n_features must be"), ({"top_examples": 10**12}, "top_examples")],
+)
+def test_sizes_no_memory_holds_are_refused_before_training(
+    capture: tuple[Capture, np.ndarray, np.ndarray], options: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(ConfigError, match=match):
+        sae_features(capture[0], SITE, **options)
+    with pytest.raises(ConfigError, match=match):
+        train_sae(capture[0], SAEConfig(**options), site=SITE)
+
+
+def test_a_save_with_sizes_above_the_new_bounds_still_loads(
+    trained: SAEResult, tmp_path: Path
+) -> None:
+    """Bounds added later must not lock out SAEs saved before them."""
+    from llminstr.analysis.sae import MAX_TOP_EXAMPLES
+
+    data = trained.to_dict()
+    top = MAX_TOP_EXAMPLES + 1  # as an older version could save it
+    data["config"]["top_examples"] = top
+    for column, table in data["top_examples"].items():
+        wide = np.full((table.shape[0], top), 0 if column == "value" else -1, table.dtype)
+        wide[:, : table.shape[1]] = table
+        data["top_examples"][column] = wide
+    back = load_sae(save_sae(data, tmp_path / "sae"))
+    assert back.config.top_examples == top and back.top_row.shape[1] == top
 
 
 def test_call_errors(capture: tuple[Capture, np.ndarray, np.ndarray]) -> None:

@@ -172,7 +172,7 @@ class SAEConfig:
                 object.__setattr__(self, f.name, int(value))
             elif isinstance(value, np.floating):
                 object.__setattr__(self, f.name, float(value))
-        _check_int("n_features", self.n_features, 1, allow_none=True, high=MAX_SAE_FEATURES)
+        _check_int("n_features", self.n_features, 1, allow_none=True)
         _check_int("k", self.k, 1, allow_none=True)
         if self.n_features is not None and self.k is not None and self.k > self.n_features:
             raise ConfigError(f"k ({self.k}) must not exceed n_features ({self.n_features})")
@@ -194,13 +194,20 @@ class SAEConfig:
         )
         if not isinstance(self.normalize, bool):
             raise ConfigError(f"normalize must be True or False; got {self.normalize!r}")
-        _check_int("top_examples", self.top_examples, 0, high=MAX_TOP_EXAMPLES)
+        _check_int("top_examples", self.top_examples, 0)
         if self.b_dec_init not in ("mean", "geometric_median"):
             raise ConfigError(
                 f"b_dec_init must be 'mean' or 'geometric_median'; got {self.b_dec_init!r}"
             )
         _check_int("init_rows", self.init_rows, 1)
         _check_int("log_every", self.log_every, 1)
+
+    def check_sizes(self) -> None:
+        """The size bounds a new training must respect (weights and top-example tables
+        that no machine's memory holds are refused before anything runs). Not applied
+        when a saved SAE is loaded: earlier versions had no bounds."""
+        _check_int("n_features", self.n_features, 1, allow_none=True, high=MAX_SAE_FEATURES)
+        _check_int("top_examples", self.top_examples, 0, high=MAX_TOP_EXAMPLES)
 
     def resolved(self, d_in: int) -> SAEConfig:
         """This config with ``n_features``, ``k`` and ``lr`` filled in for inputs of width
@@ -879,6 +886,7 @@ def train_sae(
     if options:
         merged = {**base.to_dict(), **options}
         base = SAEConfig.from_dict(merged)
+    base.check_sizes()
     blocks, site = _blocks_for(data, site, rows, tokens)
     if len(blocks) == 0:
         raise LlminstrError("no rows to train on: the row range is empty")
@@ -994,6 +1002,7 @@ def sae_features(capture: Any, site: str, *, rows: RowsArg = None, **options: An
     if not isinstance(base, SAEConfig):
         raise ConfigError(f"config must be an SAEConfig; got {type(base).__name__}")
     cfg = SAEConfig.from_dict({**base.to_dict(), **options})
+    cfg.check_sizes()
     d_in = int(np.prod(cap.site_info(site)["feature_shape"]))
     cfg.resolved(d_in)  # raises now if k > n_features
     span = None if rows is None else resolve_rows(rows, cap.num_rows)
