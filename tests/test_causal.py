@@ -213,20 +213,25 @@ def test_interventional_given_means(gpt2_capture: tuple[Any, Capture, str]) -> N
     assert c["edges"][0]["weight"] != a["edges"][0]["weight"]
 
 
+def _token_capture(path: Path, rows: list[tuple[int, int, int, int]], chunk_rows: int) -> Capture:
+    """A one-site capture whose token columns are ``rows`` of (sequence, position,
+    token id, step)."""
+    seq, pos, tok, step = (np.array(c) for c in zip(*rows, strict=True))
+    with CaptureWriter(path, [SiteInfo("s", (2,), "float32")], chunk_rows=chunk_rows) as writer:
+        writer.append(
+            {"token_id": tok, "sequence": seq, "position": pos, "step": step},
+            {"s": np.zeros((len(rows), 2), np.float32)},
+        )
+    return open_capture(path)
+
+
 def test_sequences_reassembled_across_steps(tmp_path: Path) -> None:
     # sequence 0 and 1: prompt (positions 0-3) at step 0, then one token per step;
     # sequence 2 lacks position 0 in the rows given and is skipped.
     rows = [(0, p, 10 + p, 0) for p in range(4)] + [(1, p, 20 + p, 0) for p in range(4)]
     rows += [(2, p, 30 + p, 0) for p in range(1, 4)]
     rows += [(0, 4, 14, 1), (1, 4, 24, 1), (0, 5, 15, 2), (1, 5, 25, 2), (3, 0, 40, 3)]
-    seq, pos, tok, step = (np.array(c) for c in zip(*rows, strict=True))
-    path = tmp_path / "gen.zarr"
-    with CaptureWriter(path, [SiteInfo("s", (2,), "float32")], chunk_rows=4) as writer:
-        writer.append(
-            {"token_id": tok, "sequence": seq, "position": pos, "step": step},
-            {"s": np.zeros((len(rows), 2), np.float32)},
-        )
-    cap = open_capture(path)
+    cap = _token_capture(tmp_path / "gen.zarr", rows, chunk_rows=4)
     seqs, ids, skipped = _sequences(cap, (0, cap.num_rows), 3)
     assert ids == [0, 1, 3] and skipped == 1
     np.testing.assert_array_equal(seqs[0], 10 + np.arange(6))
@@ -239,14 +244,7 @@ def test_sequences_first_seen_past_position_zero_take_no_candidate_place(tmp_pat
     ones: the partial ones filled the candidate list, and n_sequences=1 found none."""
     rows = [(s, p, 100 + s, 0) for s in range(30) for p in (5, 6)]
     rows += [(30 + s, p, 200 + s, 1) for s in range(10) for p in range(3)]
-    seq, pos, tok, step = (np.array(c) for c in zip(*rows, strict=True))
-    path = tmp_path / "partial.zarr"
-    with CaptureWriter(path, [SiteInfo("s", (2,), "float32")], chunk_rows=16) as writer:
-        writer.append(
-            {"token_id": tok, "sequence": seq, "position": pos, "step": step},
-            {"s": np.zeros((len(rows), 2), np.float32)},
-        )
-    cap = open_capture(path)
+    cap = _token_capture(tmp_path / "partial.zarr", rows, chunk_rows=16)
     for n in (1, 3):
         seqs, ids, skipped = _sequences(cap, (0, cap.num_rows), n)
         assert ids == list(range(30, 30 + n)) and skipped == 30

@@ -16,7 +16,7 @@ import shutil
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,25 +132,27 @@ def zarr_array_document(decl: ArrayDecl, codec: CodecConfig) -> dict[str, Any]:
 def atomic_write(path: Path, data: bytes, *, fsync: bool = False) -> None:
     """Write ``data`` to ``path`` so that readers see the old or the new content, never a mix."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
+    with _replacing(tmp, path):
         with open(tmp, "wb") as fh:
             fh.write(data)
             if fsync:
                 fh.flush()
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
-        _discard(tmp)
-        raise _with_path(exc, path) from exc
-    except BaseException:
-        _discard(tmp)
+
+
+@contextlib.contextmanager
+def _replacing(tmp: Path, target: Path) -> Iterator[None]:
+    """Around writing ``tmp`` and renaming it over ``target``: a failure removes ``tmp``
+    (it holds space on a full disk), and an ``OSError`` names ``target``."""
+    try:
+        yield
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError):
+            raise _with_path(exc, target) from exc
         raise
-
-
-def _discard(tmp: Path) -> None:
-    """Remove a temporary file a failed write left (it holds space on a full disk)."""
-    with contextlib.suppress(OSError):
-        tmp.unlink()
 
 
 def _with_path(exc: OSError, path: Path) -> OSError:
@@ -266,7 +268,7 @@ class ZarrBackend(StoreBackend):
                 self._made_dirs.add(folder)
         target = folder / leaf
         tmp = folder / f".{leaf}.{threading.get_ident()}.tmp"
-        try:
+        with _replacing(tmp, target):
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 views = [memoryview(p) for p in parts]
@@ -280,12 +282,6 @@ class ZarrBackend(StoreBackend):
             finally:
                 os.close(fd)
             os.replace(tmp, target)
-        except OSError as exc:
-            _discard(tmp)
-            raise _with_path(exc, target) from exc
-        except BaseException:
-            _discard(tmp)
-            raise
 
     def publish(self, root: dict[str, Any]) -> None:
         rows = int(root["committed_rows"])
