@@ -108,7 +108,7 @@ class MemoryBudget:
                         self._cond.wait(timeout=0.2)
                     if self._poison is not None:
                         raise WriterFailedError(
-                            f"the capture pipeline failed: {self._poison}"
+                            f"the capture pipeline failed: {self._poison!r}"
                         ) from self._poison
                     if self._used + nbytes <= self.limit:
                         self._take(nbytes)

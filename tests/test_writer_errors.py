@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -30,6 +31,7 @@ from llminstr.format import SiteInfo
 from llminstr.reader import open_capture
 from llminstr.storage import backends as backends_mod
 from llminstr.storage import codec as codec_mod
+from llminstr.storage import writer as writer_mod
 from llminstr.storage.writer import CaptureWriter, auto_chunk_rows
 
 
@@ -862,3 +864,64 @@ def test_ctrl_c_while_closing_propagates_and_aborts(
         assert cap.status == "aborted" and "interrupted while closing" in cap.metadata["error"]
         assert cap.num_rows >= 10
         np.testing.assert_array_equal(cap.read("a"), rows(cap.num_rows, 8))
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_while_closing_stops_waiting_for_queued_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The interrupt cancels the encodes not yet started and keeps those in flight: close
+    waited for every queued chunk before, and published only what was durable at the
+    interrupt (4 rows of 32 on disk)."""
+    path = tmp_path / "c.zarr"
+    real = backends_mod.ZarrBackend.write_chunk
+    slow = threading.Event()
+
+    def slow_write(self: Any, *args: Any) -> None:
+        if slow.is_set():
+            time.sleep(0.3)
+        real(self, *args)
+
+    monkeypatch.setattr(backends_mod.ZarrBackend, "write_chunk", slow_write)
+    monkeypatch.setattr(writer_mod, "QUEUED_CHUNKS_PER_THREAD", 100)  # all of them queue
+    w = CaptureWriter(
+        path, [SiteInfo("a", (8,))], chunk_rows=4, commit_interval_s=1e9, encoder_threads=1
+    )
+    w.append(token_columns(4), {"a": rows(4, 8)})
+    assert w.commit() == 4
+    slow.set()
+    w.append(token_columns(28, 4), {"a": rows(28, 8, 4)})  # 7 chunks x 5 arrays queued
+    threading.Timer(
+        0.5, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    ).start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        w.close()
+    assert time.monotonic() - started < 3.0  # 35 chunks x 0.3 s were queued
+    assert w.budget.used == 0  # cancelled tasks gave back their frames and buffers
+    with open_capture(path) as cap:
+        assert cap.status == "aborted" and cap.num_rows >= 4
+        np.testing.assert_array_equal(cap.read("a"), rows(cap.num_rows, 8))
+    check_released(path, set())
+
+
+def test_a_second_interrupt_while_closing_still_releases_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second Ctrl-C in close()'s cleanup skipped the lock's release: the path stayed
+    locked for as long as the writer object lived."""
+    path = tmp_path / "c.zarr"
+    w = CaptureWriter(path, [SiteInfo("a", (8,))], chunk_rows=4)
+    w.append(token_columns(6), {"a": rows(6, 8)})
+    real_shutdown = w._executor.shutdown
+
+    def interrupted_shutdown(*args: Any, **kwargs: Any) -> None:
+        real_shutdown(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(w._executor, "shutdown", interrupted_shutdown)
+    with pytest.raises(KeyboardInterrupt):
+        w.close()
+    assert not Path(str(path) + ".lock").exists()
+    with CaptureWriter(path, [SiteInfo("a", (8,))], chunk_rows=4, overwrite=True) as again:
+        again.append(token_columns(1), {"a": rows(1, 8)})

@@ -158,9 +158,12 @@ def _replacing(tmp: Path, target: Path) -> Iterator[None]:
 def _with_path(exc: OSError, path: Path) -> OSError:
     """``exc`` naming ``path`` when it names no file (``os.writev`` and ``os.write`` give
     ``[Errno 28] No space left on device`` alone)."""
-    if exc.filename is not None:
+    if exc.filename is not None or exc.errno is None:
         return exc
-    return type(exc)(exc.errno, f"{exc.strerror or exc} (writing {str(path)!r})")
+    try:
+        return type(exc)(exc.errno, exc.strerror, str(path))
+    except TypeError:  # a subclass with another constructor
+        return exc
 
 
 class StoreBackend(ABC):

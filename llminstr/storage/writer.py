@@ -24,6 +24,7 @@ import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -664,6 +665,19 @@ class CaptureWriter:
         with self._state_lock:
             self._pending.add(future)
         future.add_done_callback(self._forget)
+        future.add_done_callback(functools.partial(self._if_cancelled, buf, reserve, slot))
+
+    def _if_cancelled(
+        self, buf: np.ndarray, reserve: int, slot: bool, future: Future[None]
+    ) -> None:
+        """An encode task cancelled before it ran (an interrupted close) gives back what
+        :meth:`_submit` took for it: its queue slot, its frame reserve, its buffer or lease."""
+        if not future.cancelled():
+            return
+        if slot:
+            self._queue_slots.release()
+        self.budget.release(reserve)
+        self._drop(buf)
 
     def _forget(self, future: Future[None]) -> None:
         with self._state_lock:
@@ -928,6 +942,13 @@ class CaptureWriter:
                     except (KeyboardInterrupt, SystemExit) as exc:
                         interrupt = exc
                         status, error = "aborted", f"interrupted while closing: {exc!r}"
+                        # Stop waiting for what has not started; what is being encoded or
+                        # written finishes and is published below (a second interrupt
+                        # here still reaches the cleanup in ``finally``).
+                        self._executor.shutdown(wait=False, cancel_futures=True)
+                        with self._state_lock:
+                            running = list(self._pending)
+                        wait_futures(running)
                     except BaseException as exc:
                         self._fail(exc)
                 counts = {s.decl.key: s.rows for s in self._states.values()}
@@ -946,11 +967,19 @@ class CaptureWriter:
             finally:
                 self._closed = True
                 self._finished = time.perf_counter()
-                self._executor.shutdown(wait=True)
-                self._backend.abandon()
-                self._release_buffers()
-                self._lock.release()
-                self._finalizer.detach()
+                # Each step runs even if the one before is interrupted (a second Ctrl-C):
+                # the path's lock must not outlive the writer.
+                try:
+                    self._executor.shutdown(wait=True)
+                finally:
+                    try:
+                        self._backend.abandon()
+                    finally:
+                        try:
+                            self._release_buffers()
+                        finally:
+                            self._lock.release()
+                            self._finalizer.detach()
             if interrupt is not None:
                 raise interrupt
             if self._error is not None:
