@@ -4,6 +4,7 @@ that is refused with a clear error and repaired by ``llminstr repair``."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -209,3 +210,53 @@ def test_a_reader_waits_for_a_program_holding_the_file(
             holder.kill()
         holder.wait(timeout=30)
     assert os.path.getsize(path) > 0
+
+
+@pytest.mark.parametrize("again", [False, True])
+def test_a_reader_in_the_writers_process_does_not_fail_its_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, again: bool
+) -> None:
+    """A reader in the same process that opened the file again between the writer
+    closing its SWMR handle and the final non-SWMR rewrite made HDF5 refuse the rewrite
+    ("file is already open for read-only"), and the writer failed (seen once in CI, with
+    a thread following the live capture). The writer now lets go of that handle and
+    retries; if the reader keeps reopening, it warns and the commit record stays the
+    final word."""
+    import shutil
+
+    from llminstr.storage import backends
+
+    path = tmp_path / "c.h5"
+    real_usage, real_forget = shutil.disk_usage, reader.forget_hdf5
+
+    def usage_then_reopen(p: object) -> object:  # runs just before the rewrite
+        open_capture(path)  # a reader's handle, cached in this process
+        return real_usage(p)  # type: ignore[arg-type]
+
+    forgets = []
+
+    def forget_then_reopen(p: object) -> None:  # the reader keeps coming back
+        real_forget(p)  # type: ignore[arg-type]
+        forgets.append(1)
+        if len(forgets) > 1:  # not close()'s own call, made while the file is still open
+            open_capture(path)
+
+    monkeypatch.setattr(backends.shutil, "disk_usage", usage_then_reopen)
+    monkeypatch.setattr(backends, "_FINAL_RETRY_S", 0.001)
+    w = CaptureWriter(path, [SiteInfo("a", (3,))], chunk_rows=4)
+    w.append({c: np.arange(6) for c in w.token_columns}, {"a": np.ones((6, 3), np.float32)})
+    if again:
+        monkeypatch.setattr(reader, "forget_hdf5", forget_then_reopen)
+        with pytest.warns(RuntimeWarning, match="final root metadata could not be written"):
+            w.close()
+    else:
+        w.close()  # the second attempt finds the file free
+    monkeypatch.undo()
+    reader.forget_hdf5(path)
+    cap = open_capture(path)
+    assert (cap.status, cap.num_rows) == ("complete", 6)
+    import h5py
+
+    with h5py.File(path, "r", swmr=True) as f:  # the root attribute itself
+        written = json.loads(f.attrs["llminstr"])["status"]
+    assert written == ("in_progress" if again else "complete")  # rewritten, or not

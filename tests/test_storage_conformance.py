@@ -514,6 +514,9 @@ def test_refresh_follows_a_live_capture(backend: str, tmp_path: Path) -> None:
             errors.append(exc)
             started.set()
 
+    import dask.array
+
+    dask.array.ones(2).sum().compute()  # dask's first compute in a process takes ~1 s
     thread = threading.Thread(target=produce)
     thread.start()
     started.wait(10)

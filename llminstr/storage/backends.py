@@ -459,23 +459,33 @@ class HDF5Backend(StoreBackend):
                 stacklevel=1,
             )
             return
+        from llminstr.reader import forget_hdf5
+
         for attempt in range(_FINAL_ATTEMPTS):
             try:
                 with h5py.File(self.path, "r+", libver=("v110", "v110")) as f:
                     f.attrs[ATTR_KEY] = document
                 return
-            except BlockingIOError as exc:
-                if attempt + 1 == _FINAL_ATTEMPTS:
+            except OSError as exc:
+                # Another process's reader holds HDF5's lock (BlockingIOError), or a reader
+                # in this process opened the file again since close() let go of its handle
+                # ("already open for read-only"): let go again and retry a while. The
+                # rewrite is a SHOULD (section 7.3): when it cannot be done, the commit
+                # record already says the final status and row count.
+                held = isinstance(exc, BlockingIOError) or "already open" in str(exc)
+                if not held or attempt + 1 == _FINAL_ATTEMPTS:
                     import warnings
 
                     warnings.warn(
-                        f"{str(self.path)!r}: a reader holds the file open, so the final root "
-                        f"metadata could not be written ({exc}); the commit record carries the "
-                        f"final status {root['status']!r} and {root['committed_rows']} rows",
+                        f"{str(self.path)!r}: the final root metadata could not be written "
+                        f"({exc}); the commit record carries the final status "
+                        f"{root['status']!r} and {root['committed_rows']} rows",
                         RuntimeWarning,
                         stacklevel=1,
                     )
                     return
+                if not isinstance(exc, BlockingIOError):
+                    forget_hdf5(self.path)
                 time.sleep(_FINAL_RETRY_S)
 
     def abandon(self) -> None:
