@@ -132,11 +132,14 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
             raise LlminstrError(f"--prompts-file {str(path)!r} does not exist")
         if not path.is_file():
             raise LlminstrError(f"--prompts-file {str(path)!r} is not a file")
-        prompts += [
-            line.rstrip("\n")
-            for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip()
-        ]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise LlminstrError(f"--prompts-file {str(path)!r} is not UTF-8 text ({exc})") from None
+        lines = [line.rstrip("\n") for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise LlminstrError(f"--prompts-file {str(path)!r} holds no prompt (one per line)")
+        prompts += lines
     return prompts or list(DEMO_PROMPTS)
 
 

@@ -382,8 +382,50 @@ def build_report(
     out.parent.mkdir(parents=True, exist_ok=True)
     info = summary(capture_path)
     analysis = load_analysis(analysis_dir)
-    files = _plots(info, analysis, out.parent)
     cap = open_capture(capture_path)
+    _check_matches(analysis, cap, Path(analysis_dir))
+    try:
+        return _write_report(info, analysis, cap, out, Path(analysis_dir))
+    except (KeyError, TypeError, IndexError, ValueError, AttributeError) as exc:
+        raise FormatError(
+            f"{str(Path(analysis_dir) / 'analysis.json')!r} does not hold an analysis this "
+            f"report can read ({type(exc).__name__}: {exc}); run `llminstr analyze` again"
+        ) from exc
+
+
+def _check_matches(analysis: Mapping[str, Any], cap: Any, analysis_dir: Path) -> None:
+    """The analysis must be of this capture: an analysis left beside a capture that was
+    captured again (``--overwrite``) pointed at rows and sites that are not there."""
+    where = str(analysis_dir / "analysis.json")
+    summary_doc = analysis.get("capture")
+    if not isinstance(summary_doc, dict):
+        raise FormatError(f"{where!r} has no capture summary; run `llminstr analyze` again")
+    rows, sites = summary_doc.get("rows"), summary_doc.get("sites")
+    created = summary_doc.get("created")
+    redo = "run `llminstr analyze` again"
+    if created is not None and created != cap.metadata.get("created"):
+        raise FormatError(
+            f"{where!r} was made from another capture (created {created}; this one was "
+            f"created {cap.metadata.get('created')}): {redo}"
+        )
+    if (
+        not isinstance(rows, list)
+        or len(rows) != 2
+        or not all(isinstance(r, int) for r in rows)
+        or not 0 <= rows[0] <= rows[1] <= cap.num_rows
+    ):
+        raise FormatError(
+            f"{where!r} covers rows {rows!r}, which this capture of {cap.num_rows} rows does "
+            f"not hold: {redo}"
+        )
+    if not isinstance(sites, list) or not set(map(str, sites)) <= set(cap.sites):
+        raise FormatError(f"{where!r} names sites this capture does not have: {redo}")
+
+
+def _write_report(
+    info: Mapping[str, Any], analysis: Mapping[str, Any], cap: Any, out: Path, analysis_dir: Path
+) -> Path:
+    files = _plots(info, analysis, out.parent)
     e = html.escape
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>llminstr report</title>",

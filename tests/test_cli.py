@@ -455,3 +455,46 @@ def test_analyze_a_row_range(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     with pytest.raises(SystemExit) as exc:
         main([*args, "--rows", "8"])
     assert exc.value.code == 2 and "expected START:STOP" in capsys.readouterr().err
+
+
+def test_report_refuses_an_analysis_of_another_capture(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Captured again over the same path, a capture kept the old PATH.analysis folder, and
+    report crashed on its rows (IndexError) or a malformed analysis.json (TypeError)."""
+    cap = _small_capture(tmp_path / "c.zarr", 64)
+    out = tmp_path / "c.analysis"
+    assert main(["analyze", str(cap), "--out", str(out), "--include", "statistics"]) == EXIT_OK
+    shutil.rmtree(cap)
+    _small_capture(cap, 16)  # the same path, captured again
+    capsys.readouterr()
+    assert main(["report", str(cap), "--analysis", str(out)]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "was made from another capture" in err and "Traceback" not in err
+    doc = json.loads((out / "analysis.json").read_text())
+    doc["capture"]["created"] = open_capture(cap).metadata["created"]
+    (out / "analysis.json").write_text(json.dumps(doc))  # same created, rows beyond it
+    assert main(["report", str(cap), "--analysis", str(out)]) == EXIT_ERROR
+    assert "which this capture of 16 rows does not hold" in capsys.readouterr().err
+    doc["capture"]["rows"] = [0, 16]
+    doc["sae_features"] = 5  # valid JSON, wrong shape
+    (out / "analysis.json").write_text(json.dumps(doc))
+    assert main(["report", str(cap), "--analysis", str(out)]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "does not hold an analysis this report can read" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"\xff\xfe\x00bad\n", "is not UTF-8 text"), (b"\n  \n", "holds no prompt")],
+)
+def test_prompts_file_that_cannot_be_used(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, message: str
+) -> None:
+    prompts = tmp_path / "p.txt"
+    prompts.write_bytes(content)
+    out = tmp_path / "c.zarr"
+    assert main(["capture", str(out), "-q", "--prompts-file", str(prompts)]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()

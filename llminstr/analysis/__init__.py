@@ -118,6 +118,7 @@ def _summary(capture: Capture, sites: list[str], start: int, stop: int) -> dict[
         "status": capture.status,
         "num_rows": capture.num_rows,
         "chunk_rows": capture.chunk_rows,
+        "created": capture.metadata.get("created"),
         "rows": [start, stop],
         "sites": list(sites),
         "site_info": {
