@@ -820,7 +820,7 @@ def test_a_first_row_far_from_the_rest_does_not_cost_moment_precision(
     features or more: a first row far from the rest (the first token's massive
     activations) moved it away from the block mean, and the float32 power sums about it
     cancelled in the central moments (kurtosis off by 1.5e-4 relative). The shift is now
-    a median of nine rows spread over the block."""
+    the mean of at least 64 first rows."""
     if kernel == "fused":
         pytest.importorskip("numba")
     from llminstr.analysis import statistics as stats_mod

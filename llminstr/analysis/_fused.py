@@ -2,8 +2,8 @@
 
 :func:`summary` reads a stored block ``(n, D)`` once, eight rows at a time, vectorised
 across the columns. Per column it accumulates the power sums ``sum((x - shift)**k)``
-(``k = 1..4``) about a shift (a median of nine rows spread over the block, rounded to
-16 significant bits), the extremes and the count of ``|x| < eps``, and per row the squared norm
+(``k = 1..4``) about a shift (the mean of the first rows, at least 64, rounded to 16
+significant bits), the extremes and the count of ``|x| < eps``, and per row the squared norm
 ``sum(x**2)`` (float32, one function for every row so that it does not depend on how a
 block's rows are grouped); it then converts the sums to central moments and the norms
 to the row-norm sketch, all without the GIL. The elementwise work is float32, like the
@@ -233,68 +233,30 @@ def _scan_u16_py(raw: Any, half: bool, shift: Any, thresh: Any) -> Any:
     return power, vmin.astype(np.float64), vmax.astype(np.float64), near64, norm2.astype(np.float64)
 
 
-def _median3_py(a: Any, b: Any, c: Any) -> Any:
-    return max(min(a, b), min(max(a, b), c))
-
-
-_median3 = _jit(_median3_py)
-
-
-def _shift_of_py(x: Any) -> Any:
-    # statistics._block_shift on the shift rows x (k, D) as float32, before rounding.
-    k, dims = x.shape
-    out = np.empty(dims, np.float64)
-    for j in range(dims):
-        if k == 9:
-            out[j] = _median3(
-                _median3(x[0, j], x[1, j], x[2, j]),
-                _median3(x[3, j], x[4, j], x[5, j]),
-                _median3(x[6, j], x[7, j], x[8, j]),
-            )
-        elif k == 3:
-            out[j] = _median3(x[0, j], x[1, j], x[2, j])
-        else:
-            total = 0.0
-            for i in range(k):
-                total += x[i, j]
-            out[j] = total / k
+def _first_sums_f32_py(raw: Any, k: int) -> Any:
+    out = np.zeros(raw.shape[1], np.float64)
+    for i in range(k):
+        for j in range(raw.shape[1]):
+            out[j] += raw[i, j]
     return out
 
 
-_shift_of = _jit(_shift_of_py)
-
-
-def _shift_rows_py(n: int) -> Any:
-    # statistics.shift_rows
-    if n >= 9:
-        return np.array([i * n // 9 for i in range(9)])
-    if n >= 3:
-        return np.array([0, n // 3, 2 * n // 3])
-    return np.arange(n)
-
-
-_shift_rows = _jit(_shift_rows_py)
-
-
-def _shift_f32_py(raw: Any) -> Any:
-    rows = _shift_rows(raw.shape[0])
-    x = np.empty((rows.shape[0], raw.shape[1]), np.float32)
-    for i in range(rows.shape[0]):
-        x[i] = raw[rows[i]]
-    return _round_shift(_shift_of(x))
-
-
-def _shift_u16_py(raw: Any, half: bool) -> Any:
-    rows = _shift_rows(raw.shape[0])
-    bits = np.empty((rows.shape[0], raw.shape[1]), np.int32)
-    x = bits.view(np.float32)
-    for i in range(rows.shape[0]):
-        _decode(raw[rows[i]], bits[i], x[i], half)
-    return _round_shift(_shift_of(x))
+def _first_sums_u16_py(raw: Any, half: bool, k: int) -> Any:
+    dims = raw.shape[1]
+    out = np.zeros(dims, np.float64)
+    bits = np.empty(dims, np.int32)
+    buf = bits.view(np.float32)
+    for i in range(k):
+        _decode(raw[i], bits, buf, half)
+        for j in range(dims):
+            out[j] += buf[j]
+    return out
 
 
 _scan_f32 = _jit(_scan_f32_py)
 _scan_u16 = _jit(_scan_u16_py)
+_first_sums_f32 = _jit(_first_sums_f32_py)
+_first_sums_u16 = _jit(_first_sums_u16_py)
 
 
 # ------------------------------------------------------------------ whole block summary
@@ -440,12 +402,8 @@ _refine_norms_f32 = _jit(_refine_norms_f32_py)
 _refine_norms_u16 = _jit(_refine_norms_u16_py)
 
 
-_shift_f32 = _jit(_shift_f32_py)
-_shift_u16 = _jit(_shift_u16_py)
-
-
-def _summary_f32_py(raw: Any, thresh: Any, log_gamma: float) -> Any:
-    shift = _shift_f32(raw)
+def _summary_f32_py(raw: Any, k: int, thresh: Any, log_gamma: float) -> Any:
+    shift = _round_shift(_first_sums_f32(raw, k) / k)
     power, vmin, vmax, near, norm2 = _scan_f32(raw, shift, thresh)
     _refine_norms_f32(raw, norm2)
     ok = _all_finite(power, norm2, vmin, vmax, np.inf)
@@ -453,8 +411,8 @@ def _summary_f32_py(raw: Any, thresh: Any, log_gamma: float) -> Any:
     return ok, mean, m2, m3, m4, vmin, vmax, near, _norm_sketch(norm2, log_gamma)
 
 
-def _summary_u16_py(raw: Any, half: bool, thresh: Any, log_gamma: float) -> Any:
-    shift = _shift_u16(raw, half)
+def _summary_u16_py(raw: Any, half: bool, k: int, thresh: Any, log_gamma: float) -> Any:
+    shift = _round_shift(_first_sums_u16(raw, half, k) / k)
     power, vmin, vmax, near, norm2 = _scan_u16(raw, half, shift, thresh)
     _refine_norms_u16(raw, half, norm2)
     # float16: the integer decoding maps inf/NaN to magnitudes >= 65536
@@ -467,18 +425,18 @@ _summary_f32 = _jit(_summary_f32_py)
 _summary_u16 = _jit(_summary_u16_py)
 
 
-def summary(raw: np.ndarray, eps: float, log_gamma: float) -> Any:
+def summary(raw: np.ndarray, k: int, eps: float, log_gamma: float) -> Any:
     """The whole summary of a C-contiguous stored block ``(n, D)``, ``n >= 1``, in one
     call without the GIL: ``(ok, mean, m2, m3, m4, vmin, vmax, near_zero, norms)``.
-    The shift is :func:`llminstr.analysis.statistics._block_shift`'s (a median of nine
-    rows spread over the block, rounded to 16 significant bits);
+    The shift is the mean of the first ``k`` rows rounded to 16 significant bits
+    (:func:`llminstr.analysis.statistics.shift_row_count` gives ``k``);
     ``norms`` is ``(count, mean, m2, min, max, zeros, nonfinite, offset, counts)`` of the
     row norms. ``ok`` is False when a sum is not finite (NaN/inf data, float32
     overflow, or float16 inf/NaN): the caller then redoes the block in float64."""
     thresh = np.float32(eps)
     if raw.dtype == np.float32:
-        return _summary_f32(raw, thresh, log_gamma)
-    return _summary_u16(raw.view(np.int16), raw.dtype == np.float16, thresh, log_gamma)
+        return _summary_f32(raw, k, thresh, log_gamma)
+    return _summary_u16(raw.view(np.int16), raw.dtype == np.float16, k, thresh, log_gamma)
 
 
 def _merge_py(
@@ -540,7 +498,7 @@ def warm_up(dtype: Any = None) -> None:
         if family in _WARM:
             continue
         x = np.zeros((5, 3), kind)
-        summary(x, 1e-6, 0.01)
+        summary(x, 1, 1e-6, 0.01)
         v = np.zeros(3)
         merge_moments(1.0, 2.0, v, v, v, v, v, v, v, v)
         _WARM.add(family)

@@ -13,7 +13,7 @@ pass (the trap ``DESIGN.md`` warns about).
 How each statistic stays one-pass
 ---------------------------------
 * **Moments** (mean, std, skewness, kurtosis). A block computes its power sums about a
-  *block-local shift* ``c`` (a median of nine rows spread over the block, rounded to 16
+  *block-local shift* ``c`` (the mean of its first rows, at least 64, rounded to 16
   significant bits so that ``x - c`` is exact for most ``x``): ``P_k = sum((x - c)**k)``, ``k = 1..4``,
   with the elementwise work in float32 on cache-sized slabs, float32 partial sums over
   at most 64 rows (16 slabs for ``P_1``) and float64 beyond (small blocks: float64
@@ -279,40 +279,26 @@ class _ColumnSums:
             np.add(totals, np.add.reduce(p[:, m * g :], axis=1, out=self.part[:, 0]), out=totals)
 
 
-def shift_rows(n: int) -> list[int]:
-    """The rows whose values give a block's shift (:func:`_block_shift`): nine rows spread
-    evenly over the block (``i * n // 9``), the three rows ``0, n // 3, 2n // 3`` for
-    ``3 <= n < 9``, every row for fewer."""
-    if n >= 9:
-        return [i * n // 9 for i in range(9)]
-    if n >= 3:
-        return [0, n // 3, 2 * n // 3]
-    return list(range(n))
+#: At least this many rows give a block's shift (see :func:`_block_shift`).
+SHIFT_MIN_ROWS = 64
 
 
-def _median3(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    out: np.ndarray = np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), c))
-    return out
+def shift_row_count(n: int, dims: int) -> int:
+    """How many first rows of a block of ``n`` rows of ``dims`` values give its shift: a
+    slab's worth (about 65,536 values), and at least :data:`SHIFT_MIN_ROWS`."""
+    return min(n, max(_slab_rows(dims), SHIFT_MIN_ROWS))
 
 
 def _block_shift(raw: np.ndarray) -> np.ndarray:
-    """A block's shift, per column: the median of three medians of three (Tukey's
-    ninther) of the :func:`shift_rows` (their median for 3-8 rows, their mean for 1-2),
-    rounded to ``_SHIFT_BITS`` significant bits. A median, not the mean of the first
-    rows: one row far from the rest (the first token's massive activations) moved that
-    mean far from the block's, and the float32 power sums about it then cancelled in
-    the central moments (kurtosis off by 1.5e-4 relative on a 65,536-wide site)."""
-    rows = shift_rows(raw.shape[0])
-    x = as_float32(raw[rows]).astype(np.float64)
-    if len(rows) == 9:
-        c = _median3(
-            _median3(x[0], x[1], x[2]), _median3(x[3], x[4], x[5]), _median3(x[6], x[7], x[8])
-        )
-    elif len(rows) == 3:
-        c = _median3(x[0], x[1], x[2])
-    else:
-        c = x.mean(axis=0)
-    return _round_shift(c)
+    """A block's shift, per column: the mean of its first :func:`shift_row_count` rows
+    (float32 values summed in float64), rounded to ``_SHIFT_BITS`` significant bits. The
+    count was a slab's worth alone, one row for sites of 65,536 values or more: a first
+    row far from the rest (the first token's massive activations) then moved the shift
+    far from the block mean, and the float32 power sums about it cancelled in the central
+    moments (kurtosis off by 1.5e-4 relative). A median of nine rows spread over the block
+    fixed that case but, a noisier estimate of the mean, cost narrow sites precision."""
+    k = shift_row_count(raw.shape[0], raw.shape[1])
+    return _round_shift(np.add.reduce(as_float32(raw[:k]), axis=0, dtype=np.float64) / k)
 
 
 def _round_shift(c: np.ndarray) -> np.ndarray:
@@ -486,7 +472,9 @@ def site_block_partial(block: np.ndarray, eps: float, log_gamma: float) -> SiteP
     sc: _Scan | None = None
     if fused is not None:
         # The whole summary in numba, without the GIL (see _fused.summary).
-        ok, mean, m2, m3, m4, vmin, vmax, near, norms = fused.summary(raw, eps, log_gamma)
+        ok, mean, m2, m3, m4, vmin, vmax, near, norms = fused.summary(
+            raw, shift_row_count(n, dims), eps, log_gamma
+        )
         # else: NaN/inf, float32 overflow or underflow: redone below in float64
         if ok and not _tiny_spread(vmin, vmax, mean):
             return SitePartial(
