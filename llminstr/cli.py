@@ -399,8 +399,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from llminstr import InstrumentationConfig
     from llminstr.report import build_report
 
+    InstrumentationConfig(max_memory_gb=args.max_memory_gb)  # refused before anything is made
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     capture_path = out / "capture.zarr"

@@ -87,6 +87,9 @@ def write_analysis(computed: Mapping[str, Any], out_dir: str | os.PathLike[str])
         {k: v for k, v in graph.items() if k != "graph"} if graph is not None else None
     )
     (out / "analysis.json").write_text(json.dumps(_jsonable(doc), indent=1, allow_nan=False))
+    if (out / "report.html").exists():  # a report of the earlier analysis: stale now
+        for name in ("report.html", *PLOT_FILES):
+            (out / name).unlink(missing_ok=True)
     return out
 
 

@@ -498,3 +498,28 @@ def test_prompts_file_that_cannot_be_used(
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_analyzing_again_removes_the_earlier_report(tmp_path: Path) -> None:
+    """A report left in the analysis folder described the earlier analysis (its SAE and
+    causal sections, a link to the removed sae/ folder) until report ran again."""
+    cap = _small_capture(tmp_path / "c.zarr", 64)
+    out = tmp_path / "c.analysis"
+    sae = ["--sae-steps", "2", "--sae-n-features", "8", "--sae-k", "2"]
+    assert main(["analyze", str(cap), "--out", str(out), *sae]) == EXIT_OK
+    assert main(["report", str(cap), "--analysis", str(out)]) == EXIT_OK
+    assert (out / "report.html").exists() and (out / "sae_frequency.png").exists()
+    assert main(["analyze", str(cap), "--out", str(out), "--include", "statistics"]) == EXIT_OK
+    assert not (out / "report.html").exists() and not (out / "sae_frequency.png").exists()
+    assert main(["report", str(cap), "--analysis", str(out)]) == EXIT_OK
+    assert "Sparse-autoencoder" not in (out / "report.html").read_text()
+
+
+def test_demo_refuses_a_bad_budget_before_making_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "d"
+    assert main(["demo", "--out", str(out), "--max-memory-gb", "0"]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "max_memory_gb" in err and "Traceback" not in err
+    assert not out.exists()
