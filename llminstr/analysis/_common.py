@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llminstr.errors import ConfigError, SiteNotFoundError
+from llminstr.errors import ConfigError, LlminstrError, SiteNotFoundError
 
 if TYPE_CHECKING:
     from llminstr.reader import Capture
@@ -19,6 +19,17 @@ if TYPE_CHECKING:
 #: What ``rows=`` accepts: ``None`` (all committed rows), a ``slice`` with step 1, or a
 #: ``(start, stop)`` pair of integers / ``None`` (Python slice semantics, negatives allowed).
 RowsSpec = slice | tuple[int | None, int | None] | list[int | None] | None
+
+
+def nonfinite_error(site: str | None, part: str, detail: str | None = None) -> LlminstrError:
+    """NaN or inf where ``part`` (the SAE, the causal graph) needs finite data, naming the
+    site and, when known, ``detail`` (a row, what gave the value)."""
+    where = f"site {site!r}" if site else "the data"
+    at = f" ({detail})" if detail else ""
+    return LlminstrError(
+        f"{where} holds NaN or inf{at}: {part} needs finite data (the statistics' "
+        "nonfinite_count shows where); choose sites or rows without them"
+    )
 
 
 def as_capture(data: str | os.PathLike[str] | Capture) -> Capture:

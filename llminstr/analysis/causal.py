@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from llminstr.analysis._common import resolve_rows
+from llminstr.analysis._common import nonfinite_error, resolve_rows
 from llminstr.errors import CaptureStateError, ConfigError, LlminstrError, SiteNotFoundError
 
 __all__ = ["LOGITS_NODE", "causal_graph", "interventional_graph", "observational_graph"]
@@ -689,13 +689,6 @@ def _forward(
     return acts, logits
 
 
-def _nonfinite(site: str, why: str) -> LlminstrError:
-    return LlminstrError(
-        f"site {site!r} holds NaN or inf ({why}): the causal graph needs finite data (the "
-        "statistics' nonfinite_count shows where); choose sites or rows without them"
-    )
-
-
 def _interventional_run(
     path: str,
     nodes: list[dict[str, Any]],
@@ -753,7 +746,9 @@ def _interventional_run(
                 f"{node['feature_shape']}"
             )
         if not np.isfinite(m).all():
-            raise _nonfinite(node["name"], "its mean over the capture is not finite")
+            raise nonfinite_error(
+                node["name"], "the causal graph", "its mean over the capture is not finite"
+            )
         mean_t[i] = torch.as_tensor(m).reshape(tuple(node["feature_shape"]))
     diff = np.zeros((count, count))  # [source, target] sum of ||delta||
     norm = np.zeros(count)  # sum of ||clean||
@@ -802,9 +797,15 @@ def _interventional_run(
         model.train(was_training)
     for t in range(count):  # an overflow in the re-run (a float16 model, say)
         if not (math.isfinite(norm[t]) and np.isfinite(diff[:, t]).all()):
-            raise _nonfinite(nodes[t]["name"], "the re-run forward passes gave NaN or inf there")
+            raise nonfinite_error(
+                nodes[t]["name"],
+                "the causal graph",
+                "the re-run forward passes gave NaN or inf there",
+            )
     if has_logits and not np.isfinite(kl).all():
-        raise _nonfinite(LOGITS_NODE, "the re-run forward passes gave NaN or inf logits")
+        raise nonfinite_error(
+            LOGITS_NODE, "the causal graph", "the re-run forward passes gave NaN or inf logits"
+        )
     edges: list[dict[str, Any]] = []
     for s in range(count):
         for t in range(s + 1, count):

@@ -47,7 +47,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from llminstr.analysis._common import resolve_rows
+from llminstr.analysis._common import nonfinite_error, resolve_rows
 from llminstr.config import check_torch_device
 from llminstr.errors import ConfigError, FormatError, LlminstrError, SiteNotFoundError
 
@@ -495,12 +495,7 @@ def _blocks_for(
 
 # ---------------------------------------------------------------------------- batches
 def _nonfinite_error(site: str | None, row: int | None) -> LlminstrError:
-    where = f"site {site!r}" if site else "the data"
-    at = f" (row {row})" if row is not None else ""
-    return LlminstrError(
-        f"{where} holds NaN or inf{at}: the SAE needs finite data (the statistics' "
-        "nonfinite_count shows where); choose rows without them"
-    )
+    return nonfinite_error(site, "the SAE", None if row is None else f"row {row}")
 
 
 def _training_batches(
