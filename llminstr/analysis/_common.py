@@ -161,3 +161,57 @@ def _lazy_item_class() -> Any:
 
 def is_lazy_item(obj: Any) -> bool:
     return _LAZY_ITEM is not None and isinstance(obj, _LAZY_ITEM)
+
+
+class TaskGraph:
+    """A one-layer Dask graph assembled task by task, for the chunk-reading passes.
+
+    ``dask.delayed`` calls walk every argument looking for collections and merge graphs
+    at each call: for the statistics pass that was most of the graph building time
+    (4 ms for a 12-task graph on the 2-core VM, 80 µs per task), spent on the
+    scheduler's thread while the block tasks compete for the same cores. Here each task is
+    a ``dask._task_spec.Task`` whose arguments are taken as they are (only
+    :class:`Ref` arguments, and lists or dicts of them, are dependencies). Keys are the
+    caller's, so equal requests in one compute still share their tasks."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.layer: dict[Any, Any] = {}
+
+    def task(self, key: Any, fn: Any, *args: Any) -> Any:
+        """Add ``fn(*args)`` under ``key``; return a reference to its result."""
+        from dask._task_spec import Dict, List, Task, TaskRef
+
+        def node(arg: Any) -> Any:
+            if isinstance(arg, list) and any(isinstance(a, TaskRef) for a in arg):
+                return List(*arg)
+            if isinstance(arg, dict) and any(isinstance(a, TaskRef) for a in arg.values()):
+                return Dict(arg)
+            return arg
+
+        self.layer[key] = Task(key, fn, *(node(a) for a in args))
+        return TaskRef(key)
+
+    def reduce(
+        self, refs: Sequence[Any], merge: Any, split_every: int, *, until: int = 1, tag: str = ""
+    ) -> list[Any]:
+        """Merge ``refs`` ``split_every`` at a time, level by level, until at most
+        ``until`` remain; keys are ``(name + "-merge" + tag, level, index)``."""
+        if not refs:
+            raise ConfigError("nothing to reduce: the row range selects no blocks")
+        level, depth = list(refs), 0
+        while len(level) > until:
+            level = [
+                self.task((f"{self.name}-merge{tag}", depth, j), merge, *level[i : i + split_every])
+                for j, i in enumerate(range(0, len(level), split_every))
+            ]
+            depth += 1
+        return level
+
+    def delayed(self, ref: Any) -> Any:
+        """The ``dask.delayed`` object of the task ``ref`` names, over the whole layer."""
+        from dask.delayed import Delayed
+        from dask.highlevelgraph import HighLevelGraph
+
+        graph = HighLevelGraph({self.name: self.layer}, {self.name: set()})
+        return Delayed(ref.key, graph, layer=self.name)  # type: ignore[no-untyped-call]

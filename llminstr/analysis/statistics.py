@@ -67,7 +67,13 @@ from typing import TYPE_CHECKING, Any
 import ml_dtypes
 import numpy as np
 
-from llminstr.analysis._common import as_capture, check_sites, lazy_item, resolve_rows
+from llminstr.analysis._common import (
+    TaskGraph,
+    as_capture,
+    check_sites,
+    lazy_item,
+    resolve_rows,
+)
 from llminstr.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -913,7 +919,6 @@ def statistics_for_site(
     subset of it reads each chunk of the site once.
     """
     from dask.base import tokenize
-    from dask.delayed import delayed
 
     cap = as_capture(capture)
     (name,) = check_sites(cap, [site])
@@ -936,19 +941,20 @@ def statistics_for_site(
     chunk_bytes = cap.chunk_rows * math.prod(shape) * source.dtype.itemsize
     per_task = max(1, TASK_BYTES // max(1, chunk_bytes))
     token = tokenize(source, cap._root["commit_seq"], start, stop, eps_v, log_gamma, per_task)
+    # The graph is assembled task by task (_common.TaskGraph): building it with
+    # dask.delayed calls took as long as a quarter of a 256 MiB pass (decisions.md).
+    graph = TaskGraph(f"llminstr-stats-{tokenize(token, fan_in, shape, factor, qs)}")
     blocks = [
-        delayed(read_block_partial)(
-            source, span, eps_v, log_gamma, dask_key_name=(f"llminstr-stats-{token}", i)
+        graph.task(
+            (f"llminstr-stats-{token}", i), read_block_partial, source, span, eps_v, log_gamma
         )
         for i, span in enumerate(_chunk_spans(start, stop, cap.chunk_rows, per_task))
     ]
     # The last merge happens inside the finishing task (one task fewer per site).
-    while len(blocks) > fan_in:
-        blocks = [
-            delayed(merge_site_partials, pure=True)(*blocks[i : i + fan_in])
-            for i in range(0, len(blocks), fan_in)
-        ]
-    final = delayed(finish_partials, pure=True)(blocks, shape, factor, log_gamma, qs)
+    blocks = graph.reduce(blocks, merge_site_partials, fan_in, until=fan_in)
+    final = graph.delayed(
+        graph.task(graph.name, finish_partials, blocks, shape, factor, log_gamma, qs)
+    )
     out: dict[str, Any] = {
         "site": name,
         "rows": [start, stop],
@@ -975,30 +981,37 @@ def token_summary(
     ``rows_per_sequence``; ``num_steps``, ``rows_per_step`` and ``step_counts``
     (``{"step": values, "rows": counts}``); ``num_distinct_tokens``; ``max_position``."""
     from dask.base import tokenize
-    from dask.delayed import delayed
 
     from llminstr.format import TOKENS_GROUP
 
     cap = as_capture(capture)
     start, stop = resolve_rows(rows, cap.num_rows)
     _check_options(DEFAULT_EPS, 1.0, 0.5, (), split_every)
-    columns: dict[str, Delayed] = {}
+    per_task = max(1, TASK_BYTES // (cap.chunk_rows * 8))
     # Tasks read their chunks themselves, as the site statistics' do: a delayed call per
     # block of the dask array culled the whole array graph for each block (graph building
     # grew with the square of the chunk count: 33 s for 10**4 chunks).
-    per_task = max(1, TASK_BYTES // (cap.chunk_rows * 8))
-    for col in cap.token_columns:
-        counted = col in COUNTED_COLUMNS
-        source = cap._source(f"{TOKENS_GROUP}/{col}", f"tokens/{col}")
-        token = tokenize(source, cap._root["commit_seq"], start, stop, counted, per_task)
+    sources = {c: cap._source(f"{TOKENS_GROUP}/{c}", f"tokens/{c}") for c in cap.token_columns}
+    seq = cap._root["commit_seq"]
+    tokens = {
+        c: tokenize(src, seq, start, stop, c in COUNTED_COLUMNS, per_task)
+        for c, src in sources.items()
+    }
+    graph = TaskGraph(f"llminstr-tokens-{tokenize(list(tokens.values()), split_every)}")
+    columns: dict[str, Any] = {}
+    for col, source in sources.items():
         blocks = [
-            delayed(read_column_partial)(
-                source, span, counted, dask_key_name=(f"llminstr-tokens-{token}", i)
+            graph.task(
+                (f"llminstr-tokens-{tokens[col]}", i),
+                read_column_partial,
+                source,
+                span,
+                col in COUNTED_COLUMNS,
             )
             for i, span in enumerate(_chunk_spans(start, stop, cap.chunk_rows, per_task))
         ]
-        columns[col] = tree_reduce(blocks, merge_column_partials, split_every)
-    result: Delayed = delayed(finish_tokens, pure=True)(columns)
+        (columns[col],) = graph.reduce(blocks, merge_column_partials, split_every, tag=f"-{col}")
+    result: Delayed = graph.delayed(graph.task(graph.name, finish_tokens, columns))
     return result
 
 
