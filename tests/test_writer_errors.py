@@ -804,6 +804,38 @@ def test_failed_zarr_chunk_write_leaves_no_temp_file_and_names_the_file(
     with pytest.raises(WriterFailedError):
         w.close()
     assert [p for p in path.rglob("*.tmp")] == []
+    # A chunk's first frame is written in place: the failed one is removed, not left empty.
+    chunks = [p for p in path.rglob("*") if p.is_file() and "c" in p.relative_to(path).parts]
+    assert chunks and [p for p in chunks if p.stat().st_size == 0] == []
+
+
+def test_zarr_first_frames_go_in_place_and_rewritten_tails_by_atomic_replace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SPEC 7.2: only a chunk stored before (a commit's zero-padded tail) needs the
+    temporary file and rename; a chunk's first frame holds no published row."""
+    path = tmp_path / "c.zarr"
+    renamed: list[str] = []
+    real_replace = os.replace
+
+    def replace(src: Any, dst: Any) -> None:
+        renamed.append(Path(dst).relative_to(path).as_posix())
+        real_replace(src, dst)
+
+    monkeypatch.setattr(backends_mod.os, "replace", replace)
+    x = rows(12, 8, 0)
+    with CaptureWriter(path, [SiteInfo("a", (8,))], chunk_rows=4, commit_interval_s=1e9) as w:
+        w.append(token_columns(4, 0), {"a": x[:4]})  # chunk 0, full
+        w.append(token_columns(2, 4), {"a": x[4:6]})
+        w.commit()  # chunk 1's first frame: a zero-padded tail
+        w.append(token_columns(2, 6), {"a": x[6:8]})  # chunk 1 again, full
+        w.append(token_columns(4, 8), {"a": x[8:12]})  # chunk 2, full
+    chunk_renames = sorted(r for r in renamed if "/c/" in r)
+    assert chunk_renames == sorted(
+        [f"tokens/{c}/c/1" for c in ("token_id", "sequence", "position", "step")]
+        + ["activations/a/c/1/0"]
+    )
+    assert np.array_equal(open_capture(path).read("a"), x)
 
 
 @pytest.mark.timeout(30)

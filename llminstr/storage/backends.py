@@ -231,8 +231,10 @@ class ZarrBackend(StoreBackend):
         self.fsync = fsync
         self._array_docs: dict[str, _ShapeTemplate] = {}
         self._published_rows: dict[str, int] = {}
-        self._made_dirs: set[Path] = set()
-        self._dir_lock = threading.Lock()
+        self._last_dir: dict[str, Path] = {}
+        # Per array, the chunk whose last frame was partial (a commit's tail): the only
+        # chunk that is ever stored twice, and only between drained commits.
+        self._partial: dict[str, int] = {}
 
     def create(self, root: dict[str, Any], arrays: Sequence[ArrayDecl], codec: CodecConfig) -> None:
         # The Zarr v3 documents are written directly (the spec, section 5, gives their exact
@@ -265,26 +267,43 @@ class ZarrBackend(StoreBackend):
         folder = self.path / array.key
         for part in dirs:
             folder = folder / part
-        if folder not in self._made_dirs:
+        if self._last_dir.get(array.key) != folder:
+            # Per array only the last folder is remembered (a set of every folder made
+            # grew with the capture: millions of paths for a billion rows); a folder that
+            # exists already costs one mkdir call that fails with EEXIST.
             folder.mkdir(parents=True, exist_ok=True)
-            with self._dir_lock:
-                self._made_dirs.add(folder)
+            self._last_dir[array.key] = folder
         target = folder / leaf
-        tmp = folder / f".{leaf}.{threading.get_ident()}.tmp"
-        with _replacing(tmp, target):
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                views = [memoryview(p) for p in parts]
-                total = sum(v.nbytes for v in views)
-                written = os.writev(fd, views)
-                while written < total:  # short write: finish it part by part
-                    flat = b"".join(bytes(v) for v in views)
-                    written += os.write(fd, flat[written:])
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, target)
+        partial = extent < (index + 1) * array.chunk_rows
+        if self._partial.get(array.key) == index:
+            # A new frame of a chunk stored before (a commit's zero-padded tail): a reader
+            # may be reading the old one, so it goes in by atomic replace.
+            tmp = folder / f".{leaf}.{threading.get_ident()}.tmp"
+            with _replacing(tmp, target):
+                self._write_file(tmp, parts)
+                os.replace(tmp, target)
+        else:
+            # A chunk's first frame is written in place (SPEC 7.2): no published row lies
+            # in it until a later publish, which comes after this write returns. A failed
+            # write removes the file. One rename and one directory entry fewer per chunk.
+            with _replacing(target, target):
+                self._write_file(target, parts)
+        if partial:
+            self._partial[array.key] = index
+
+    def _write_file(self, path: Path, parts: Sequence[bytes | memoryview]) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            views = [memoryview(p) for p in parts]
+            total = sum(v.nbytes for v in views)
+            written = os.writev(fd, views)
+            while written < total:  # short write: finish it part by part
+                flat = b"".join(bytes(v) for v in views)
+                written += os.write(fd, flat[written:])
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def publish(self, root: dict[str, Any]) -> None:
         rows = int(root["committed_rows"])
