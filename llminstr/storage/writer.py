@@ -157,7 +157,11 @@ class _ArrayState:
     done: set[int] = field(default_factory=set)  # full chunks written out of order
     full_done: int = 0  # contiguous full chunks on disk
     durable: int = 0  # contiguous rows on disk
-    frame_sizes: dict[int, int] = field(default_factory=dict)
+    stored_bytes: int = 0  # bytes of the frames on disk
+    # (index, bytes) of the last frame stored for a partial chunk (a commit's tail): the
+    # one chunk whose frame is replaced later. A dict of every frame's size grew with the
+    # capture (tens of millions of entries for a billion rows).
+    tail: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -832,7 +836,12 @@ class CaptureWriter:
     ) -> None:
         with self._state_lock:
             self._chunks_written += 1
-            state.frame_sizes[index] = frame_bytes
+            if state.tail is not None and state.tail[0] == index:
+                state.stored_bytes -= state.tail[1]  # the tail's frame was replaced
+                state.tail = None
+            state.stored_bytes += frame_bytes
+            if not full:
+                state.tail = (index, frame_bytes)
             if full:
                 state.done.add(index)
                 while state.full_done in state.done:
@@ -1023,7 +1032,7 @@ class CaptureWriter:
     # ------------------------------------------------------------------ stats
     def stats(self) -> WriterStats:
         with self._state_lock:
-            stored = sum(sum(s.frame_sizes.values()) for s in self._states.values())
+            stored = sum(s.stored_bytes for s in self._states.values())
         rows = self._published_rows
         raw = sum(rows * s.decl.chunk_bytes // self.chunk_rows for s in self._states.values())
         act_raw = sum(
