@@ -957,3 +957,54 @@ def test_a_second_interrupt_while_closing_still_releases_the_path(
     assert not Path(str(path) + ".lock").exists()
     with CaptureWriter(path, [SiteInfo("a", (8,))], chunk_rows=4, overwrite=True) as again:
         again.append(token_columns(1), {"a": rows(1, 8)})
+
+
+@pytest.mark.timeout(30)
+def test_appending_after_an_interrupted_commit_waits_for_its_tail_frames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while ``commit`` waited for its tail frames, then more rows (a notebook cell
+    interrupted, the next one goes on): the chunk's full frame went out while its tail was
+    still being written, into the same file. Found in review: a CRC32C mismatch on read
+    (and, before first frames were written in place, rows silently zero)."""
+    path = tmp_path / "c.zarr"
+    x = np.arange(8 * 64, dtype=np.float32).reshape(8, 64) + 1
+    w = CaptureWriter(path, [SiteInfo("a", (64,))], chunk_rows=4, commit_interval_s=1e9)
+    real_writev = os.writev
+    slow = {"armed": False}
+
+    def writev(fd: int, views: Any) -> int:  # the tail of chunk 1 of "a", in two halves
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if slow["armed"] and "activations/a/c/1" in name:
+            slow["armed"] = False
+            flat = b"".join(bytes(v) for v in views)
+            n = os.write(fd, flat[: len(flat) // 2])
+            time.sleep(0.5)
+            return n + os.write(fd, flat[len(flat) // 2 :])
+        return real_writev(fd, views)
+
+    monkeypatch.setattr(backends_mod.os, "writev", writev)
+    w.append(token_columns(6, 0), {"a": x[:6]})
+    real_drain = CaptureWriter._drain
+    drains = {"n": 0}
+
+    def drain(self: CaptureWriter) -> None:
+        drains["n"] += 1
+        if drains["n"] == 2:  # commit's second drain: the tails are on their way
+            raise KeyboardInterrupt
+        real_drain(self)
+
+    monkeypatch.setattr(CaptureWriter, "_drain", drain)
+    slow["armed"] = True
+    with pytest.raises(KeyboardInterrupt):
+        w.commit()
+    monkeypatch.setattr(CaptureWriter, "_drain", real_drain)
+    w.append(token_columns(2, 6), {"a": x[6:8]})  # chunk 1 fills while its tail is written
+    assert w.commit() == 8
+    w.close()
+    cap = open_capture(path)
+    assert np.array_equal(cap.read("a"), x)
+    from llminstr.tools import stored_bytes
+
+    keys = ["activations/a"] + [f"tokens/{c}" for c in cap.token_columns]
+    assert w.stats().stored_bytes == sum(stored_bytes(cap, k) for k in keys)

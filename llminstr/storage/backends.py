@@ -274,8 +274,12 @@ class ZarrBackend(StoreBackend):
             folder.mkdir(parents=True, exist_ok=True)
             self._last_dir[array.key] = folder
         target = folder / leaf
-        partial = extent < (index + 1) * array.chunk_rows
-        if self._partial.get(array.key) == index:
+        rewrite = self._partial.get(array.key) == index
+        if extent < (index + 1) * array.chunk_rows:
+            # Marked before the write: any later frame of this chunk is a rewrite, even
+            # one that starts while this one is still being written.
+            self._partial[array.key] = index
+        if rewrite:
             # A new frame of a chunk stored before (a commit's zero-padded tail): a reader
             # may be reading the old one, so it goes in by atomic replace.
             tmp = folder / f".{leaf}.{threading.get_ident()}.tmp"
@@ -288,8 +292,6 @@ class ZarrBackend(StoreBackend):
             # write removes the file. One rename and one directory entry fewer per chunk.
             with _replacing(target, target):
                 self._write_file(target, parts)
-        if partial:
-            self._partial[array.key] = index
 
     def _write_file(self, path: Path, parts: Sequence[bytes | memoryview]) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

@@ -458,6 +458,7 @@ class CaptureWriter:
         self._state_lock = threading.Lock()
         self._publish_lock = threading.Lock()
         self._pending: set[Future[None]] = set()
+        self._tails_in_flight = False  # see _flush_tails
         self._error: BaseException | None = None
         self._closed = False
         self._published_rows = 0
@@ -606,6 +607,9 @@ class CaptureWriter:
     def _append(self, state: _ArrayState, data: np.ndarray, lease: _Lease | None = None) -> None:
         with self._producer_lock:
             self._check_open()
+            if self._tails_in_flight:  # a commit interrupted while its tails were written
+                self._drain()
+                self._tails_in_flight = False
             n = data.shape[0]
             offset = 0
             chunk_rows = self.chunk_rows
@@ -908,6 +912,9 @@ class CaptureWriter:
 
     def _flush_tails(self) -> None:
         self._drain()
+        # Until the tails below are on disk, no frame may go out for their chunks: a Ctrl-C
+        # that stops the drain below leaves this set, and the next append drains first.
+        self._tails_in_flight = True
         for state in self._states.values():
             if state.fill and state.buffer is not None:
                 # np.zeros maps untouched pages to the kernel's zero page: the padding of a
@@ -918,6 +925,7 @@ class CaptureWriter:
                 tail[: state.fill] = state.buffer[: state.fill]
                 self._submit(state, state.chunk_index, tail, state.fill, full=False)
         self._drain()
+        self._tails_in_flight = False
 
     def close(
         self, status: Literal["complete", "aborted"] = "complete", error: str | None = None
