@@ -14,7 +14,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -134,17 +134,17 @@ _H5_WRITE_MARKS = ("not already open for SWMR writing", "already open for write"
 #: block a live writer is rewriting (microseconds).
 HDF5_METADATA_READ_ATTEMPTS = 28
 
-_H5_ATTEMPTS_SETTER: list[Any] = []  # [function or None], found once
+_H5_LIB: list[Any] = []  # [ctypes library or None], found once
 
 
-def _hdf5_attempts_setter() -> Any:
-    """``H5Pset_metadata_read_attempts`` of the HDF5 library that h5py uses (h5py does not
-    wrap it), or None where it cannot be found: then HDF5's default applies. Only copies
-    already loaded are tried (``RTLD_NOLOAD``), h5py's own first, and one is taken only
-    if it knows a property list h5py just made (``H5Iis_valid``): another copy of HDF5 in
-    the process (pytables', netCDF4's) would not."""
-    if _H5_ATTEMPTS_SETTER:
-        return _H5_ATTEMPTS_SETTER[0]
+def _hdf5_lib() -> Any:
+    """The HDF5 library that h5py uses, through ctypes, for the two calls h5py does not
+    wrap (``H5Pset_metadata_read_attempts``, ``H5Dget_chunk_storage_size``), or None where
+    it cannot be found. Only copies already loaded are tried (``RTLD_NOLOAD``), h5py's own
+    first, and one is taken only if it knows a property list h5py just made
+    (``H5Iis_valid``): another copy of HDF5 in the process (pytables', netCDF4's) would not."""
+    if _H5_LIB:
+        return _H5_LIB[0]
     import ctypes
     import glob
 
@@ -164,21 +164,48 @@ def _hdf5_attempts_setter() -> Any:
     except OSError:
         pass
     probe = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
-    setter = None
+    found = None
     for path in dict.fromkeys(os.path.realpath(c) for c in candidates):
         try:
             lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
-            valid, fn = lib.H5Iis_valid, lib.H5Pset_metadata_read_attempts
+            valid = lib.H5Iis_valid
+            attempts, chunk_size = lib.H5Pset_metadata_read_attempts, lib.H5Dget_chunk_storage_size
         except (OSError, AttributeError):
             continue
         valid.argtypes, valid.restype = [ctypes.c_int64], ctypes.c_int
         if valid(probe.id) <= 0:
             continue  # another copy of HDF5: h5py's identifiers mean nothing to it
-        fn.argtypes, fn.restype = [ctypes.c_int64, ctypes.c_uint], ctypes.c_int
-        setter = fn
+        attempts.argtypes, attempts.restype = [ctypes.c_int64, ctypes.c_uint], ctypes.c_int
+        size_p = ctypes.POINTER(ctypes.c_uint64)
+        chunk_size.argtypes, chunk_size.restype = [ctypes.c_int64, size_p, size_p], ctypes.c_int
+        found = lib
         break
-    _H5_ATTEMPTS_SETTER.append(setter)
-    return setter
+    _H5_LIB.append(found)
+    return found
+
+
+def _hdf5_attempts_setter() -> Any:
+    """``H5Pset_metadata_read_attempts`` of h5py's HDF5 (see :func:`_hdf5_lib`), or None:
+    then HDF5's default applies."""
+    lib = _hdf5_lib()
+    return None if lib is None else lib.H5Pset_metadata_read_attempts
+
+
+def _hdf5_chunk_stored(dataset: Any, offset: Sequence[int]) -> bool:
+    """Whether ``dataset`` (h5py, chunked) stores the chunk at ``offset`` (inside its
+    extent). ``H5Dget_chunk_storage_size`` looks the chunk up in the chunk index; h5py's
+    ``get_chunk_info_by_coord`` walked every chunk of HDF5 2.0's index (about 100 ns per
+    chunk: 5 s per array and refresh at a million chunks, an audit measured)."""
+    lib = _hdf5_lib()
+    if lib is not None:
+        import ctypes
+
+        where = (ctypes.c_uint64 * len(offset))(*offset)
+        size = ctypes.c_uint64(0)
+        if lib.H5Dget_chunk_storage_size(dataset.id.id, where, ctypes.byref(size)) >= 0:
+            return size.value > 0
+    # (no library, or HDF5 refused the lookup: h5py's walk says what it finds)
+    return dataset.id.get_chunk_info_by_coord(tuple(offset)).byte_offset is not None
 
 
 def _open_swmr_reader(path: str) -> Any:
@@ -959,8 +986,7 @@ class Capture:
             f = _h5_file(str(self.path))
             for key, doc in self._new_docs.items():
                 offset = (last * int(root["chunk_rows"]), *(0 for _ in _feature_shape(key, doc)))
-                info = f[key].id.get_chunk_info_by_coord(offset)
-                if info.byte_offset is None:
+                if not _hdf5_chunk_stored(f[key], offset):
                     raise FormatError(
                         f"{where}: {rows} rows are committed but {key} does not store chunk "
                         f"{last}, which holds row {rows - 1}"
@@ -1034,9 +1060,27 @@ class Capture:
             self._identity,
         )
 
-    def activations(self, name: str, *, logical: bool = True) -> Any:
-        """Lazy ``dask.array`` of shape ``(num_rows, *feature_shape)``, chunked like storage.
+    def _block_rows(self, block_rows: int | None) -> int:
+        """Rows per block of a dask array this capture returns: ``block_rows`` (checked),
+        or one storage chunk."""
+        if block_rows is None:
+            return self.chunk_rows
+        if (
+            isinstance(block_rows, bool)
+            or not isinstance(block_rows, (int, np.integer))
+            or not 1 <= block_rows <= MAX_ROWS
+        ):
+            raise ConfigError(f"block_rows must be a positive integer or None; got {block_rows!r}")
+        return int(block_rows)
 
+    def activations(self, name: str, *, logical: bool = True, block_rows: int | None = None) -> Any:
+        """Lazy ``dask.array`` of shape ``(num_rows, *feature_shape)``.
+
+        One dask block per storage chunk by default: a slice reads only the chunks it
+        covers (dask 2026.8 reads a whole block for any slice of it). A dask array costs
+        about 48 bytes per block and each graph on it about 730, which adds up for
+        captures of millions of chunks: ``block_rows`` (a multiple of ``chunk_rows``
+        reads each chunk once) then makes fewer, larger blocks.
         bfloat16 sites come back as ``ml_dtypes.bfloat16`` (``logical=False``: raw uint16).
         """
         import dask.array
@@ -1045,14 +1089,16 @@ class Capture:
 
         info = self.site_info(name)
         src = self._source(f"{ACTIVATIONS_GROUP}/{name}", name)
+        rows_per_block = self._block_rows(block_rows)
+        seq = self._root["commit_seq"]
         arr = da.from_array(
             src,
-            chunks=(self.chunk_rows, *src.feature_shape),
+            chunks=(rows_per_block, *src.feature_shape),
             asarray=False,
             lock=False,
             fancy=False,
             meta=np.empty((0,) * src.ndim, dtype=src.dtype),
-            name=f"llminstr-{_token(self.path, name, self.num_rows, self._root['commit_seq'])}",
+            name=f"llminstr-{_token(self.path, name, self.num_rows, seq, rows_per_block)}",
         )
         if logical and info["logical_dtype"] == "bfloat16":
             import ml_dtypes
@@ -1088,7 +1134,8 @@ class Capture:
 
     @property
     def tokens(self) -> Mapping[str, Any]:
-        """Token columns: name -> lazy dask array of length ``num_rows`` (int64)."""
+        """Token columns: name -> lazy dask array of length ``num_rows`` (int64), one
+        block per storage chunk."""
         return _Tokens(self)
 
     def token_table(self, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
@@ -1114,13 +1161,17 @@ class Capture:
                     problems.append(str(exc))
         return problems
 
-    def to_xarray(self) -> Any:
+    def to_xarray(self, *, block_rows: int | None = None) -> Any:
         """An ``xarray.Dataset``: one variable per site over dims ``row`` and
         ``<site>.feature``; token columns as coordinates on ``row``. Names stay unique when
         sites and columns share them (all are legal): a token column named like a site or
         like the row dimension becomes the coordinate ``tokens/<column>``, and a dimension
-        named like a variable gets ``_`` appended."""
+        named like a variable gets ``_`` appended. ``block_rows`` as for
+        :meth:`activations`, for every array (one block per storage chunk by default)."""
         import xarray as xr
+
+        self._block_rows(block_rows)  # checked before anything is built
+        tokens = _Tokens(self)
 
         taken = set(self.sites)
 
@@ -1132,8 +1183,11 @@ class Capture:
 
         row = unique("row")
         coords = {
-            unique(c if c not in self.sites and c != row else f"tokens/{c}"): (row, arr)
-            for c, arr in self.tokens.items()
+            unique(c if c not in self.sites and c != row else f"tokens/{c}"): (
+                row,
+                tokens.array(c, block_rows),
+            )
+            for c in self.token_columns
         }
         data_vars = {}
         for name in self.sites:
@@ -1141,7 +1195,7 @@ class Capture:
             dims = [row, *(unique(f"{name}.{d}") for d in info["dimension_names"][1:])]
             data_vars[name] = (
                 dims,
-                self.activations(name),
+                self.activations(name, block_rows=block_rows),
                 {
                     k: v
                     for k, v in info.items()
@@ -1173,6 +1227,9 @@ class _Tokens(Mapping[str, Any]):
         self._capture = capture
 
     def __getitem__(self, column: str) -> Any:
+        return self.array(column)
+
+    def array(self, column: str, block_rows: int | None = None) -> Any:
         import dask.array
 
         da: Any = dask.array
@@ -1181,14 +1238,16 @@ class _Tokens(Mapping[str, Any]):
         if column not in cap.token_columns:
             raise SiteNotFoundError(f"no token column {column!r}; columns: {cap.token_columns}")
         src = cap._source(f"{TOKENS_GROUP}/{column}", f"tokens/{column}")
+        rows_per_block = cap._block_rows(block_rows)
+        seq = cap._root["commit_seq"]
         return da.from_array(
             src,
-            chunks=(cap.chunk_rows,),
+            chunks=(rows_per_block,),
             asarray=False,
             lock=False,
             fancy=False,
             meta=np.empty((0,), dtype=src.dtype),
-            name=f"llminstr-tok-{_token(cap.path, column, cap.num_rows, cap._root['commit_seq'])}",
+            name=f"llminstr-tok-{_token(cap.path, column, cap.num_rows, seq, rows_per_block)}",
         )
 
     def __iter__(self) -> Iterator[str]:
@@ -1198,10 +1257,11 @@ class _Tokens(Mapping[str, Any]):
         return len(self._capture.token_columns)
 
 
-def _token(path: Path, name: str, rows: int, seq: Any) -> str:
+def _token(path: Path, name: str, rows: int, seq: Any, block_rows: int) -> str:
     import hashlib
 
-    return hashlib.sha1(f"{path.resolve()}|{name}|{rows}|{seq}".encode()).hexdigest()[:16]
+    text = f"{path.resolve()}|{name}|{rows}|{seq}|{block_rows}"
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 def open_capture(path: str | os.PathLike[str]) -> Capture:

@@ -732,6 +732,44 @@ def test_to_xarray(backend: str, tmp_path: Path) -> None:
         np.testing.assert_array_equal(seq0.values, ramp(0, 5, 4))
 
 
+def test_block_rows_group_chunks_into_fewer_dask_blocks(backend: str, tmp_path: Path) -> None:
+    """``block_rows`` makes fewer, larger dask blocks (a dask array costs memory per
+    block: about 48 bytes, and 730 per block in each graph); the values are the same and
+    a whole-array reduction still reads each chunk once. One block per chunk by default."""
+    path = tmp_path / f"b{backend}"
+    x = ramp(0, 50, 4)
+    with CaptureWriter(path, [SiteInfo("a", (4,))], chunk_rows=4) as w:
+        w.append(token_columns(50), {"a": x})
+    with open_capture(path) as cap:
+        check_chunks(cap.activations("a"), 50, 4)
+        grouped = cap.activations("a", block_rows=16)
+        assert grouped.chunks[0] == (16, 16, 16, 2)
+        src_type = type(cap._source("activations/a", "a"))
+        reads: dict[int, int] = {}
+        real = src_type.read_chunk
+
+        def counting(self: Any, index: int, *args: Any, **kwargs: Any) -> Any:
+            reads[index] = reads.get(index, 0) + 1
+            return real(self, index, *args, **kwargs)
+
+        src_type.read_chunk = counting  # type: ignore[method-assign]
+        try:
+            np.testing.assert_array_equal(grouped.sum(axis=0).compute(), x.sum(axis=0))
+        finally:
+            src_type.read_chunk = real  # type: ignore[method-assign]
+        assert reads == {i: 1 for i in range(13)}
+        ds = cap.to_xarray(block_rows=16)
+        assert ds["a"].chunks[0] == (16, 16, 16, 2)
+        assert ds.coords["step"].chunks[0] == (16, 16, 16, 2)
+        np.testing.assert_array_equal(ds["a"].values, x)
+        np.testing.assert_array_equal(ds.coords["position"].values, token_columns(50)["position"])
+        for bad in (0, -4, 2.5, True, "16"):
+            with pytest.raises(ConfigError, match="block_rows"):
+                cap.activations("a", block_rows=bad)  # type: ignore[arg-type]
+            with pytest.raises(ConfigError, match="block_rows"):
+                cap.to_xarray(block_rows=bad)  # type: ignore[arg-type]
+
+
 @pytest.mark.timeout(120)
 def test_distributed_sum_matches_numpy(backend: str, tmp_path: Path) -> None:
     from distributed import Client, LocalCluster

@@ -179,7 +179,8 @@ def _site_matrix(capture: Any, name: str, span: tuple[int, int], after: Any = No
     """Rows ``span`` of a site as a 2-D float64 dask array. With ``after``, a fresh copy of
     the graph whose reads wait for ``after`` (bound before slicing: dask cannot bind a
     sliced ``from_array``)."""
-    x = capture.activations(name)
+    # One block per storage chunk: each moment task holds its block in float64.
+    x = capture.activations(name, block_rows=capture.chunk_rows)
     if after is not None:
         from dask.graph_manipulation import bind
 
@@ -478,7 +479,7 @@ def interventional_graph(
                 )
             mean_inputs[name] = m
         else:
-            x = cap.activations(name)[span[0] : span[1]]
+            x = cap.activations(name, block_rows=cap.chunk_rows)[span[0] : span[1]]
             mean_inputs[name] = x.astype(np.float64).mean(axis=0)
     details = {
         "n_sequences_requested": n_seq,
