@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import token_columns
 
 from llminstr.budget import MemoryBudget
 from llminstr.errors import ConfigError, WriterFailedError
@@ -115,3 +116,20 @@ def test_try_acquire_never_blocks() -> None:
     assert b.used == 6 and b.stall_events == 0
     b.poison(RuntimeError("x"))
     assert not b.try_acquire(1)
+
+
+def test_commit_tails_are_not_pooled(tmp_path: Path) -> None:
+    """A commit's zero-padded tail buffer is released once encoded, not pooled: pooled,
+    every commit added one buffer per array until the pool held half the budget."""
+    with CaptureWriter(
+        tmp_path / "c.zarr",
+        [SiteInfo("a", (4,))],
+        chunk_rows=4,
+        memory_budget_bytes=64 << 20,
+        commit_interval_s=1e9,
+    ) as w:
+        for i in range(200):
+            w.append(token_columns(1, i), {"a": np.full((1, 4), i, np.float32)})
+            w.commit()
+        pooled = sum(len(v) for v in w._pool.values())
+        assert pooled <= 2 * len(w._states), pooled

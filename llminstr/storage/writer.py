@@ -713,7 +713,7 @@ class CaptureWriter:
                 slot = False
             frame_bytes = sum(memoryview(p).nbytes for p in parts)
             if self.codec_config.cname is not None:
-                self._recycle(buf)  # the raw chunk is no longer needed once compressed
+                self._recycle(buf, pool=full)  # the raw chunk is not needed once compressed
                 raw = 0
             extent = index * self.chunk_rows + nrows
             written = self._backend.write_chunk_async(state.decl, index, parts, extent)
@@ -742,7 +742,7 @@ class CaptureWriter:
             self._backend.write_chunk(state.decl, index, parts, extent)
             del parts
             if raw:
-                self._recycle(buf)
+                self._recycle(buf, pool=full)
                 raw = 0
             self._chunk_done(state, index, nrows, full, frame_bytes)
         except BaseException as exc:  # reported to the producer, never swallowed
@@ -775,7 +775,7 @@ class CaptureWriter:
             self._fail(exc)
         finally:
             if buf is not None:
-                self._recycle(buf)
+                self._recycle(buf, pool=full)
             self.budget.release(reserve)
             done.set_result(None)
 
@@ -802,7 +802,14 @@ class CaptureWriter:
         else:
             self.budget.release(buf.nbytes)
 
-    def _recycle(self, buf: np.ndarray) -> None:
+    def _recycle(self, buf: np.ndarray, *, pool: bool = True) -> None:
+        """Done with a chunk buffer: back to its lender, into the pool, or released.
+        ``pool=False`` for a commit's zero-padded tail: pooled, the tails of every commit
+        filled the pool up to its limit (half the budget) with buffers no full chunk
+        needed, an audit found."""
+        if not pool:
+            self._drop(buf)
+            return
         lease = self._lent.pop(id(buf), None)
         if lease is not None:  # lent memory goes back to its lender, never to the pool
             lease.drop()
