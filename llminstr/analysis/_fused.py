@@ -10,8 +10,10 @@ to the row-norm sketch, all without the GIL. The elementwise work is float32, li
 numpy kernel's: ``x - shift`` is exact for most ``x``, the eight terms of a row group are
 added in a tree, the sums of four row groups (32 rows) are added in float32 and then into
 float64 totals (the numpy kernel adds 64 rows in float32). float16 and bfloat16 (raw bits
-as int16) are decoded eight rows at a time into a float32 buffer with integer operations
-(:func:`_decode`). :func:`merge_moments` merges two partials' moments.
+as int16) are decoded where they are read, with integer operations and a bit cast to
+float32 in registers (:func:`_kernel_family` builds one scan per stored dtype around its
+``load``; :func:`_decode` does the same decoding into a buffer for the few rows read
+outside the scan). :func:`merge_moments` merges two partials' moments.
 
 :func:`summary` also says (``ok``) whether its sums are finite: a block holding NaN/inf,
 or whose float32 ``(x - shift)**4`` overflows (``|x - shift| > ~4e9``), is redone by the
@@ -52,95 +54,6 @@ def _jit(fn: Callable[..., Any]) -> Any:
     return numba.njit(nogil=True, cache=False, fastmath=_FLAGS)(fn)
 
 
-def _norm2_py(row: Any) -> Any:
-    # Squared norm of one row in float32 (the loop vectorises: fastmath reassoc). One
-    # function for every row, so that a row's norm does not depend on how the block's
-    # rows were grouped (the sketch bins would then differ between block splits).
-    total = np.float32(0.0)
-    for j in range(row.shape[0]):
-        total += row[j] * row[j]
-    return total
-
-
-_norm2 = _jit(_norm2_py)
-
-
-def _group8_py(
-    x: Any,
-    i: int,
-    o: int,
-    shift: Any,
-    thresh: Any,
-    g: Any,
-    vmin: Any,
-    vmax: Any,
-    near: Any,
-    norm2: Any,
-) -> None:
-    # Rows i..i+7 of x (float32), vectorised across columns j: each accumulator is loaded
-    # and stored once per eight values, the eight terms are added in a tree.
-    r0, r1, r2, r3 = x[i], x[i + 1], x[i + 2], x[i + 3]
-    r4, r5, r6, r7 = x[i + 4], x[i + 5], x[i + 6], x[i + 7]
-    for j in range(x.shape[1]):
-        a0, a1, a2, a3, a4, a5, a6, a7 = r0[j], r1[j], r2[j], r3[j], r4[j], r5[j], r6[j], r7[j]
-        lo = min(min(min(a0, a1), min(a2, a3)), min(min(a4, a5), min(a6, a7)))
-        hi = max(max(max(a0, a1), max(a2, a3)), max(max(a4, a5), max(a6, a7)))
-        vmin[j] = min(vmin[j], lo)
-        vmax[j] = max(vmax[j], hi)
-        c01 = np.int32(abs(a0) < thresh) + np.int32(abs(a1) < thresh)
-        c23 = np.int32(abs(a2) < thresh) + np.int32(abs(a3) < thresh)
-        c45 = np.int32(abs(a4) < thresh) + np.int32(abs(a5) < thresh)
-        c67 = np.int32(abs(a6) < thresh) + np.int32(abs(a7) < thresh)
-        near[j] += (c01 + c23) + (c45 + c67)
-        sh = shift[j]
-        d0, d1, d2, d3 = a0 - sh, a1 - sh, a2 - sh, a3 - sh
-        d4, d5, d6, d7 = a4 - sh, a5 - sh, a6 - sh, a7 - sh
-        q0, q1, q2, q3 = d0 * d0, d1 * d1, d2 * d2, d3 * d3
-        q4, q5, q6, q7 = d4 * d4, d5 * d5, d6 * d6, d7 * d7
-        g[0, j] += ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))
-        g[1, j] += ((q0 + q1) + (q2 + q3)) + ((q4 + q5) + (q6 + q7))
-        g[2, j] += ((q0 * d0 + q1 * d1) + (q2 * d2 + q3 * d3)) + (
-            (q4 * d4 + q5 * d5) + (q6 * d6 + q7 * d7)
-        )
-        g[3, j] += ((q0 * q0 + q1 * q1) + (q2 * q2 + q3 * q3)) + (
-            (q4 * q4 + q5 * q5) + (q6 * q6 + q7 * q7)
-        )
-    for r in range(8):
-        norm2[o + r] = _norm2(x[i + r])
-
-
-_group8 = _jit(_group8_py)
-
-
-def _row1_py(
-    row: Any,
-    o: int,
-    shift: Any,
-    thresh: Any,
-    g: Any,
-    vmin: Any,
-    vmax: Any,
-    near: Any,
-    norm2: Any,
-) -> None:
-    # One row (a block's last n % 8 rows), same arithmetic as _group8.
-    for j in range(row.shape[0]):
-        a = row[j]
-        vmin[j] = min(vmin[j], a)
-        vmax[j] = max(vmax[j], a)
-        near[j] += np.int32(abs(a) < thresh)
-        d = a - shift[j]
-        q = d * d
-        g[0, j] += d
-        g[1, j] += q
-        g[2, j] += q * d
-        g[3, j] += q * q
-    norm2[o] = _norm2(row)
-
-
-_row1 = _jit(_row1_py)
-
-
 def _flush_py(g: Any, near: Any, power: Any, near64: Any) -> None:
     # float32 group sums -> float64 totals; int32 counts -> int64.
     for k in range(4):
@@ -171,22 +84,152 @@ def _state(first: Any, n: int) -> Any:
 _state_jit = _jit(_state)
 
 
-def _scan_f32_py(raw: Any, shift: Any, thresh: Any) -> Any:
-    n = raw.shape[0]
-    sh = shift.astype(np.float32)
-    g, vmin, vmax, near, power, near64, norm2 = _state_jit(raw[0], n)
-    full = n - n % 8
-    groups = 0
-    for i in range(0, full, 8):
-        _group8(raw, i, i, sh, thresh, g, vmin, vmax, near, norm2)
-        groups += 1
-        if groups == _FLUSH_GROUPS:
-            _flush(g, near, power, near64)
-            groups = 0
-    for i in range(full, n):
-        _row1(raw[i], i, sh, thresh, g, vmin, vmax, near, norm2)
-    _flush(g, near, power, near64)
-    return power, vmin.astype(np.float64), vmax.astype(np.float64), near64, norm2.astype(np.float64)
+def _as_float32_typing(typingctx: Any, bits: Any) -> Any:
+    """The float32 whose bit pattern is the int32 ``bits`` (a bit cast, no conversion)."""
+    sig = numba.types.float32(numba.types.int32)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], context.get_value_type(numba.types.float32))
+
+    return sig, codegen
+
+
+_as_float32: Any = numba.extending.intrinsic(_as_float32_typing)
+
+
+def _load_f32_py(row: Any, j: int) -> Any:
+    return row[j]
+
+
+def _load_bf16_py(row: Any, j: int) -> Any:
+    # bfloat16 (raw bits as int16): the bits are the top half of the float32.
+    return _as_float32(np.int32(row[j]) << np.int32(16))
+
+
+def _load_f16_py(row: Any, j: int) -> Any:
+    # float16 (raw bits as int16): shift the magnitude into float32 position, keep sign
+    # and magnitude (the sign extension puts the sign in bit 31), rebias the exponent by
+    # multiplying by 2**112; exact for every finite value (subnormals included); inf/NaN
+    # become magnitudes >= 65536, which the caller detects from the extremes. int32
+    # arithmetic: twice the lanes per vector instruction of int64. (_decode does the same.)
+    bits = (np.int32(row[j]) << np.int32(13)) & np.int32(-0x70002000)
+    return _as_float32(bits) * np.float32(2.0**112)
+
+
+def _kernel_family(load: Any) -> tuple[Any, Any]:
+    """``(first_row, scan)`` for stored values read through ``load(row, j)`` (a float32):
+    the 16-bit types are decoded as they are read, in registers (a decoding pass into a
+    float32 buffer cost a third of the 16-bit scan, measured)."""
+
+    def norm2_py(row: Any) -> Any:
+        # Squared norm of one row in float32 (the loop vectorises: fastmath reassoc). One
+        # function for every row of a stored dtype, so that a row's norm does not depend
+        # on how the block's rows were grouped (the sketch bins would then differ
+        # between block splits).
+        total = np.float32(0.0)
+        for j in range(row.shape[0]):
+            v = load(row, j)
+            total += v * v
+        return total
+
+    norm2_row = _jit(norm2_py)
+
+    def group8_py(
+        x: Any, i: int, shift: Any, thresh: Any, g: Any, vmin: Any, vmax: Any, near: Any, norm2: Any
+    ) -> None:
+        # Rows i..i+7 of x, vectorised across columns j: each accumulator is loaded and
+        # stored once per eight values, the eight terms are added in a tree.
+        r0, r1, r2, r3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+        r4, r5, r6, r7 = x[i + 4], x[i + 5], x[i + 6], x[i + 7]
+        for j in range(x.shape[1]):
+            a0, a1, a2, a3 = load(r0, j), load(r1, j), load(r2, j), load(r3, j)
+            a4, a5, a6, a7 = load(r4, j), load(r5, j), load(r6, j), load(r7, j)
+            lo = min(min(min(a0, a1), min(a2, a3)), min(min(a4, a5), min(a6, a7)))
+            hi = max(max(max(a0, a1), max(a2, a3)), max(max(a4, a5), max(a6, a7)))
+            vmin[j] = min(vmin[j], lo)
+            vmax[j] = max(vmax[j], hi)
+            c01 = np.int32(abs(a0) < thresh) + np.int32(abs(a1) < thresh)
+            c23 = np.int32(abs(a2) < thresh) + np.int32(abs(a3) < thresh)
+            c45 = np.int32(abs(a4) < thresh) + np.int32(abs(a5) < thresh)
+            c67 = np.int32(abs(a6) < thresh) + np.int32(abs(a7) < thresh)
+            near[j] += (c01 + c23) + (c45 + c67)
+            sh = shift[j]
+            d0, d1, d2, d3 = a0 - sh, a1 - sh, a2 - sh, a3 - sh
+            d4, d5, d6, d7 = a4 - sh, a5 - sh, a6 - sh, a7 - sh
+            q0, q1, q2, q3 = d0 * d0, d1 * d1, d2 * d2, d3 * d3
+            q4, q5, q6, q7 = d4 * d4, d5 * d5, d6 * d6, d7 * d7
+            g[0, j] += ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))
+            g[1, j] += ((q0 + q1) + (q2 + q3)) + ((q4 + q5) + (q6 + q7))
+            g[2, j] += ((q0 * d0 + q1 * d1) + (q2 * d2 + q3 * d3)) + (
+                (q4 * d4 + q5 * d5) + (q6 * d6 + q7 * d7)
+            )
+            g[3, j] += ((q0 * q0 + q1 * q1) + (q2 * q2 + q3 * q3)) + (
+                (q4 * q4 + q5 * q5) + (q6 * q6 + q7 * q7)
+            )
+        for r in range(8):
+            norm2[i + r] = norm2_row(x[i + r])
+
+    group8 = _jit(group8_py)
+
+    def row1_py(
+        row: Any,
+        o: int,
+        shift: Any,
+        thresh: Any,
+        g: Any,
+        vmin: Any,
+        vmax: Any,
+        near: Any,
+        norm2: Any,
+    ) -> None:
+        # One row (a block's last n % 8 rows), same arithmetic as group8.
+        for j in range(row.shape[0]):
+            a = load(row, j)
+            vmin[j] = min(vmin[j], a)
+            vmax[j] = max(vmax[j], a)
+            near[j] += np.int32(abs(a) < thresh)
+            d = a - shift[j]
+            q = d * d
+            g[0, j] += d
+            g[1, j] += q
+            g[2, j] += q * d
+            g[3, j] += q * q
+        norm2[o] = norm2_row(row)
+
+    row1 = _jit(row1_py)
+
+    def first_row_py(row: Any) -> Any:
+        out = np.empty(row.shape[0], np.float32)
+        for j in range(row.shape[0]):
+            out[j] = load(row, j)
+        return out
+
+    first_row = _jit(first_row_py)
+
+    def scan_py(raw: Any, shift: Any, thresh: Any) -> Any:
+        n = raw.shape[0]
+        sh = shift.astype(np.float32)
+        g, vmin, vmax, near, power, near64, norm2 = _state_jit(first_row(raw[0]), n)
+        full = n - n % 8
+        groups = 0
+        for i in range(0, full, 8):
+            group8(raw, i, sh, thresh, g, vmin, vmax, near, norm2)
+            groups += 1
+            if groups == _FLUSH_GROUPS:
+                _flush(g, near, power, near64)
+                groups = 0
+        for i in range(full, n):
+            row1(raw[i], i, sh, thresh, g, vmin, vmax, near, norm2)
+        _flush(g, near, power, near64)
+        return (
+            power,
+            vmin.astype(np.float64),
+            vmax.astype(np.float64),
+            near64,
+            norm2.astype(np.float64),
+        )
+
+    return first_row, _jit(scan_py)
 
 
 def _decode_py(src: Any, bits: Any, vals: Any, half: bool) -> None:
@@ -209,30 +252,6 @@ def _decode_py(src: Any, bits: Any, vals: Any, half: bool) -> None:
 _decode = _jit(_decode_py)
 
 
-def _scan_u16_py(raw: Any, half: bool, shift: Any, thresh: Any) -> Any:
-    n, dims = raw.shape
-    sh = shift.astype(np.float32)
-    bits = np.empty((8, dims), np.int32)
-    buf = bits.view(np.float32)
-    _decode(raw[0], bits[0], buf[0], half)
-    g, vmin, vmax, near, power, near64, norm2 = _state_jit(buf[0], n)
-    full = n - n % 8
-    groups = 0
-    for i in range(0, full, 8):
-        for r in range(8):
-            _decode(raw[i + r], bits[r], buf[r], half)
-        _group8(buf, 0, i, sh, thresh, g, vmin, vmax, near, norm2)
-        groups += 1
-        if groups == _FLUSH_GROUPS:
-            _flush(g, near, power, near64)
-            groups = 0
-    for i in range(full, n):
-        _decode(raw[i], bits[0], buf[0], half)
-        _row1(buf[0], i, sh, thresh, g, vmin, vmax, near, norm2)
-    _flush(g, near, power, near64)
-    return power, vmin.astype(np.float64), vmax.astype(np.float64), near64, norm2.astype(np.float64)
-
-
 def _first_sums_f32_py(raw: Any, k: int) -> Any:
     out = np.zeros(raw.shape[1], np.float64)
     for i in range(k):
@@ -253,8 +272,9 @@ def _first_sums_u16_py(raw: Any, half: bool, k: int) -> Any:
     return out
 
 
-_scan_f32 = _jit(_scan_f32_py)
-_scan_u16 = _jit(_scan_u16_py)
+_, _scan_f32 = _kernel_family(_jit(_load_f32_py))
+_, _scan_bf16 = _kernel_family(_jit(_load_bf16_py))
+_, _scan_f16 = _kernel_family(_jit(_load_f16_py))
 _first_sums_f32 = _jit(_first_sums_f32_py)
 _first_sums_u16 = _jit(_first_sums_u16_py)
 
@@ -411,18 +431,26 @@ def _summary_f32_py(raw: Any, k: int, thresh: Any, log_gamma: float) -> Any:
     return ok, mean, m2, m3, m4, vmin, vmax, near, _norm_sketch(norm2, log_gamma)
 
 
-def _summary_u16_py(raw: Any, half: bool, k: int, thresh: Any, log_gamma: float) -> Any:
-    shift = _round_shift(_first_sums_u16(raw, half, k) / k)
-    power, vmin, vmax, near, norm2 = _scan_u16(raw, half, shift, thresh)
-    _refine_norms_u16(raw, half, norm2)
+def _summary_16(scan: Any, half: bool) -> Any:
+    """The summary of a 16-bit stored dtype (raw bits as int16): ``half`` for float16,
+    else bfloat16. Each compiles on its own, when its dtype is first met."""
     # float16: the integer decoding maps inf/NaN to magnitudes >= 65536
-    ok = _all_finite(power, norm2, vmin, vmax, 65536.0 if half else np.inf)
-    mean, m2, m3, m4 = _moments(raw.shape[0], shift, power)
-    return ok, mean, m2, m3, m4, vmin, vmax, near, _norm_sketch(norm2, log_gamma)
+    limit = 65536.0 if half else np.inf
+
+    def summary_py(raw: Any, k: int, thresh: Any, log_gamma: float) -> Any:
+        shift = _round_shift(_first_sums_u16(raw, half, k) / k)
+        power, vmin, vmax, near, norm2 = scan(raw, shift, thresh)
+        _refine_norms_u16(raw, half, norm2)
+        ok = _all_finite(power, norm2, vmin, vmax, limit)
+        mean, m2, m3, m4 = _moments(raw.shape[0], shift, power)
+        return ok, mean, m2, m3, m4, vmin, vmax, near, _norm_sketch(norm2, log_gamma)
+
+    return _jit(summary_py)
 
 
 _summary_f32 = _jit(_summary_f32_py)
-_summary_u16 = _jit(_summary_u16_py)
+_summary_bf16 = _summary_16(_scan_bf16, half=False)
+_summary_f16 = _summary_16(_scan_f16, half=True)
 
 
 def summary(raw: np.ndarray, k: int, eps: float, log_gamma: float) -> Any:
@@ -436,7 +464,9 @@ def summary(raw: np.ndarray, k: int, eps: float, log_gamma: float) -> Any:
     thresh = np.float32(eps)
     if raw.dtype == np.float32:
         return _summary_f32(raw, k, thresh, log_gamma)
-    return _summary_u16(raw.view(np.int16), raw.dtype == np.float16, k, thresh, log_gamma)
+    if raw.dtype == np.float16:
+        return _summary_f16(raw.view(np.int16), k, thresh, log_gamma)
+    return _summary_bf16(raw.view(np.int16), k, thresh, log_gamma)
 
 
 def _merge_py(
@@ -494,7 +524,7 @@ def warm_up(dtype: Any = None) -> None:
     block tasks."""
     wanted = (np.float32, np.float16, np.uint16) if dtype is None else (np.dtype(dtype).type,)
     for kind in wanted:
-        family = "f32" if np.dtype(kind) == np.float32 else "u16"
+        family = np.dtype(kind).name  # float32, float16, uint16 (bfloat16 bits)
         if family in _WARM:
             continue
         x = np.zeros((5, 3), kind)
