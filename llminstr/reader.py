@@ -173,7 +173,9 @@ def _hdf5_lib() -> Any:
         except (OSError, AttributeError):
             continue
         valid.argtypes, valid.restype = [ctypes.c_int64], ctypes.c_int
-        if valid(probe.id) <= 0:
+        with _h5py_lock():
+            known = valid(probe.id)
+        if known <= 0:
             continue  # another copy of HDF5: h5py's identifiers mean nothing to it
         attempts.argtypes, attempts.restype = [ctypes.c_int64, ctypes.c_uint], ctypes.c_int
         size_p = ctypes.POINTER(ctypes.c_uint64)
@@ -182,6 +184,16 @@ def _hdf5_lib() -> Any:
         break
     _H5_LIB.append(found)
     return found
+
+
+def _h5py_lock() -> Any:
+    """h5py's global lock, held around every call into HDF5 that does not go through h5py:
+    this HDF5 build is not thread-safe, and h5py serialises its own calls with this lock
+    only. A ctypes call releases the GIL, so without it another thread's h5py call (a
+    writer's HDF5 thread) entered HDF5 at the same time: a segmentation fault, in review."""
+    from h5py import _objects
+
+    return _objects.phil
 
 
 def _hdf5_attempts_setter() -> Any:
@@ -202,7 +214,9 @@ def _hdf5_chunk_stored(dataset: Any, offset: Sequence[int]) -> bool:
 
         where = (ctypes.c_uint64 * len(offset))(*offset)
         size = ctypes.c_uint64(0)
-        if lib.H5Dget_chunk_storage_size(dataset.id.id, where, ctypes.byref(size)) >= 0:
+        with _h5py_lock():
+            found = lib.H5Dget_chunk_storage_size(dataset.id.id, where, ctypes.byref(size))
+        if found >= 0:
             return size.value > 0
     # (no library, or HDF5 refused the lookup: h5py's walk says what it finds)
     return dataset.id.get_chunk_info_by_coord(tuple(offset)).byte_offset is not None
@@ -218,7 +232,9 @@ def _open_swmr_reader(path: str) -> Any:
         return h5py.File(path, "r", swmr=True, libver=("v110", "v110"))
     fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
     fapl.set_libver_bounds(h5py.h5f.LIBVER_V110, h5py.h5f.LIBVER_V110)
-    if setter(fapl.id, HDF5_METADATA_READ_ATTEMPTS) < 0:
+    with _h5py_lock():
+        done = setter(fapl.id, HDF5_METADATA_READ_ATTEMPTS)
+    if done < 0:
         return h5py.File(path, "r", swmr=True, libver=("v110", "v110"))
     fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ, fapl=fapl)
     return h5py.File(fid)
@@ -267,7 +283,7 @@ class _Source:
         site: str,
         doc: dict[str, Any],
         rows: int,
-        identity: tuple[int, int, int] | None = None,
+        identity: tuple[int, ...] | None = None,
     ) -> None:
         self.path = path
         # (pid, st_dev, st_ino) of the capture when it was opened: in that process, a read
@@ -400,16 +416,28 @@ class _Source:
         return block[(slice(None), *key[1:])] if len(key) > 1 else block
 
 
-def _identity(path: str | os.PathLike[str]) -> tuple[int, int, int] | None:
+def _identity(path: str | os.PathLike[str]) -> tuple[int, ...] | None:
+    """What tells the capture at ``path`` from another one put there later: the process,
+    and the device and inode of the path; for a Zarr directory also the inode and
+    modification time of its ``tokens`` group document, which is written once, when the
+    capture is created (a directory removed and made again can get its inode back: an
+    audit saw it, and a stale graph then read the new capture's rows)."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return (os.getpid(), st.st_dev, st.st_ino)
+    group: tuple[int, ...] = ()
+    if stat.S_ISDIR(st.st_mode):
+        try:
+            g = os.stat(os.path.join(path, TOKENS_GROUP, "zarr.json"))
+            group = (g.st_ino, g.st_mtime_ns)
+        except OSError:
+            group = (-1, -1)
+    return (os.getpid(), st.st_dev, st.st_ino, *group)
 
 
 def _check_identity(
-    path: str, identity: tuple[int, int, int], now: tuple[int, int, int] | None = None
+    path: str, identity: tuple[int, ...], now: tuple[int, ...] | None = None
 ) -> None:
     """Refuse ``path`` when it no longer names what ``identity`` saw (``now``: its current
     identity, if already taken)."""
@@ -661,7 +689,7 @@ class Capture:
         self._new_docs: dict[str, dict[str, Any]] = {}
         self._new_lengths: dict[str, int] = {}
         self._refresh_lock = threading.Lock()
-        self._identity: tuple[int, int, int] | None = None  # see _Source.identity
+        self._identity: tuple[int, ...] | None = None  # see _Source.identity
         try:
             self.refresh()
         except BaseException:
