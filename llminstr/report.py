@@ -244,9 +244,12 @@ def _plots(
         _integer_ticks(ax)
         ax.set_ylabel("mean L2 norm of a row")
         ax.set_title("Per-layer norm profile")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        files["norms"] = _save(fig, out / "norms.png")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+            ax.grid(alpha=0.3)
+            files["norms"] = _save(fig, out / "norms.png")
+        else:  # no site has a layer: no profile (an empty plot, and a matplotlib warning)
+            plt.close(fig)
 
         fig, ax = plt.subplots(figsize=(7, 3.6))
         names = [s["name"] for s in sites if s["name"] in stats]
@@ -425,6 +428,22 @@ def _check_matches(analysis: Mapping[str, Any], cap: Any, analysis_dir: Path) ->
         raise FormatError(f"{where!r} names sites this capture does not have: {redo}")
 
 
+def _analysed(summary: Mapping[str, Any], info: Mapping[str, Any]) -> str:
+    """The rows the analysis covered, and the capture as it was then: the table above
+    shows the capture now, which for a live capture has more rows than were analysed."""
+    rows = summary.get("rows")
+    if not (isinstance(rows, list) and len(rows) == 2):
+        return ""
+    then = summary.get("num_rows")
+    text = f"Analysed rows {rows[0]:,} to {rows[1]:,}"
+    if isinstance(then, int):
+        text += f" of the {then:,} committed when the analysis ran"
+        status = summary.get("status")
+        if then != info["rows"] or (status is not None and status != info["status"]):
+            text += f" (status then: {html.escape(str(status))}; the plots and tables below are of those rows)"
+    return f"<p>{text}.</p>"
+
+
 def _write_report(
     info: Mapping[str, Any], analysis: Mapping[str, Any], cap: Any, out: Path, analysis_dir: Path
 ) -> Path:
@@ -441,6 +460,7 @@ def _write_report(
         f"<tr><td>{info['rows']}</td><td>{len(info['sites'])}</td><td>{info['raw_bytes'] / 1e6:.2f} MB</td>"
         f"<td>{info['stored_bytes'] / 1e6:.2f} MB</td><td>{(info['compression_ratio'] or 0):.2f}</td>"
         f"<td>{e(str(info['model'].get('class')))} ({e(str(info['model'].get('model_type')))})</td></tr></table>",
+        _analysed(analysis.get("capture") or {}, info),
     ]
     for key, title in (
         ("norms", "Norm profile"),

@@ -523,3 +523,31 @@ def test_demo_refuses_a_bad_budget_before_making_anything(
     err = capsys.readouterr().err
     assert "max_memory_gb" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_report_of_a_live_capture_says_which_rows_it_shows(tmp_path: Path) -> None:
+    """An audit: the report's table showed the capture's rows and status at report time
+    (3260, in progress) while its plots were of the 870 rows analysed, and 870 appeared
+    nowhere. Sites without a layer drew an empty norm profile and a matplotlib warning."""
+    import warnings
+
+    path = tmp_path / "live.zarr"
+    cols = ("token_id", "sequence", "position", "step")
+    x = np.random.default_rng(0).standard_normal((100, 8)).astype(np.float32)
+    w = CaptureWriter(path, [SiteInfo("a", (8,)), SiteInfo("b", (8,))], chunk_rows=8)
+    w.append({c: np.arange(40) for c in cols}, {"a": x[:40], "b": x[:40]})
+    w.commit()
+    out = tmp_path / "an"
+    args = ["analyze", str(path), "--out", str(out), "--include", "statistics", "-q"]
+    assert main(args) == EXIT_OK
+    w.append({c: np.arange(40, 100) for c in cols}, {"a": x[40:], "b": x[40:]})
+    w.close()
+    page_path = tmp_path / "report.html"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "No artists with labels" included
+        assert main(["report", str(path), "--analysis", str(out), "--out", str(page_path)]) == 0
+    page = page_path.read_text()
+    assert "Analysed rows 0 to 40 of the 40 committed when the analysis ran" in page
+    assert "status then: in_progress" in page
+    assert "<td>100</td>" in page  # the capture now
+    assert "norms.png" not in page and not (tmp_path / "norms.png").exists()

@@ -563,3 +563,30 @@ def test_default_k_fits_narrow_sites(tmp_path: Path) -> None:
     assert SAEConfig().resolved(768).k == 32  # wide sites keep the usual k
     with pytest.raises(ConfigError, match=r"k \(40\) must not exceed n_features \(24\)"):
         SAEConfig(k=40).resolved(6)  # an explicit k is kept, and checked
+
+
+def test_sae_rows_are_fixed_when_set_up_on_a_live_capture(tmp_path: Path) -> None:
+    """Without ``rows=``, the SAE trained on every row committed when it was *computed*,
+    while the statistics and the causal graph fix theirs when set up (an audit: set up at
+    90 rows, it trained on about 1000). A capture replaced at the path is refused."""
+    import dask
+
+    path = tmp_path / "live.zarr"
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1000, 8)).astype(np.float32)
+    w = CaptureWriter(path, [SiteInfo("s", (8,))], chunk_rows=32, commit_interval_s=1e9)
+    w.append(token_columns(np.arange(90)), {"s": x[:90]})
+    w.commit()
+    options = dict(n_features=8, k=2, steps=5, batch_size=32, held_out_fraction=0.2)
+    lazy = sae_features(open_capture(path), "s", **options)
+    w.append(token_columns(np.arange(90, 1000)), {"s": x[90:]})
+    w.close()
+    (out,) = dask.compute(lazy)
+    assert out["metrics"]["eval_rows"] == 90
+    assert out["top_examples"]["row"].max() < 90
+    # the same path now holding another capture
+    stale = sae_features(open_capture(path), "s", **options)
+    with CaptureWriter(path, [SiteInfo("s", (8,))], chunk_rows=32, overwrite=True) as again:
+        again.append(token_columns(np.arange(100)), {"s": x[:100]})
+    with pytest.raises(FormatError, match="another capture"):
+        dask.compute(stale)

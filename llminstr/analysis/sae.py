@@ -965,12 +965,17 @@ def train_sae(
 
 
 def _sae_task(
-    path: str, site: str, rows: tuple[int, int] | None, config: dict[str, Any]
+    path: str, site: str, rows: tuple[int, int], config: dict[str, Any], created: str
 ) -> dict[str, Any]:
     from llminstr.reader import open_capture
 
     # not closed here: an HDF5 handle is shared by every Capture of the path in the process
     cap = open_capture(path)
+    if cap.metadata["created"] != created:
+        raise FormatError(
+            f"{path!r} now holds another capture than the one the SAE was set up on "
+            f"(created {cap.metadata['created']}, not {created}); build the analysis again"
+        )
     return train_sae(cap, SAEConfig.from_dict(config), site=site, rows=rows).to_dict()
 
 
@@ -1000,10 +1005,15 @@ def sae_features(capture: Any, site: str, *, rows: RowsArg = None, **options: An
     cfg.check_sizes()
     d_in = int(np.prod(cap.site_info(site)["feature_shape"]))
     cfg.resolved(d_in)  # raises now if k > n_features
-    span = None if rows is None else resolve_rows(rows, cap.num_rows)
+    # The rows are fixed now, as the statistics' are: a live capture committing more
+    # rows before the compute must not change what this object computes to.
+    span = resolve_rows(rows, cap.num_rows)
     path = str(Path(cap.path).resolve())
-    key = f"sae-{site}-{tokenize(path, site, span, cfg.to_dict(), cap.num_rows)}"
-    return delayed(_sae_task, pure=True)(path, site, span, cfg.to_dict(), dask_key_name=key)
+    created = str(cap.metadata["created"])
+    key = f"sae-{site}-{tokenize(path, site, span, cfg.to_dict(), created)}"
+    return delayed(_sae_task, pure=True)(
+        path, site, span, cfg.to_dict(), created, dask_key_name=key
+    )
 
 
 # ---------------------------------------------------------------------------- persistence
