@@ -712,6 +712,7 @@ class Capture:
             ):
                 _check_identity(where, self._identity, identity)
             self._new_docs, self._new_lengths = {}, {}
+            self._release_hdf5 = False  # set by _hdf5_read_root
             load = self._zarr_root if self.backend == "zarr" else self._hdf5_root
             root_doc = load(where)
             validate_root(root_doc, where)
@@ -723,6 +724,9 @@ class Capture:
             self._identity = identity
             self._check_layout(root_doc)
             self._check_last_chunks(root_doc)
+            if self._release_hdf5:  # see _hdf5_read_root
+                with _H5_LOCK:
+                    _forget_hdf5_locked(os.path.realpath(self.path))
             # (the docs first: a capture's sites never change, so the old root fits them)
             self._array_docs, self._array_lengths = self._new_docs, self._new_lengths
             self._root = root_doc
@@ -912,6 +916,7 @@ class Capture:
         if code not in _STATUS_BY_CODE or rows < 0 or seq < 0:
             raise FormatError(f"{where}: invalid commit record {rec.tolist()}")
         # The commit record is authoritative while it is newer than the root attribute.
+        stale_attribute = seq > int(root["commit_seq"])
         if seq >= int(root["commit_seq"]):
             root["committed_rows"] = rows
             root["status"] = _STATUS_BY_CODE[code]
@@ -956,7 +961,14 @@ class Capture:
             self._new_lengths[key] = int(ds.shape[0])
             del ds
         if root["status"] != "in_progress":
-            _H5_SETTLED.add(id(f))  # the writer is done: the file no longer changes
+            if stale_attribute:
+                # The writer has published its final record and is about to rewrite the
+                # root attribute without SWMR (section 7.3), which a handle kept open
+                # here would stop, in another process for good (its error message was
+                # then lost, an audit found): let go of the file after this read.
+                self._release_hdf5 = True
+            else:
+                _H5_SETTLED.add(id(f))  # the writer is done: the file no longer changes
         return cast(dict[str, Any], root)
 
     def _check_layout(self, root: dict[str, Any]) -> None:

@@ -610,6 +610,63 @@ def test_refresh_follows_a_writer_in_another_process(backend: str, tmp_path: Pat
         np.testing.assert_array_equal(fresh.read("s"), ramp(0, 120, 5))
 
 
+ABORTING_WRITER = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    from conftest import token_columns
+    from test_storage_conformance import ramp
+    from llminstr.format import SiteInfo
+    from llminstr.storage.writer import CaptureWriter
+
+    w = CaptureWriter({path!r}, [SiteInfo("s", (5,))], chunk_rows=4)
+    print("open", flush=True)
+    sys.stdin.readline()
+    for b in range(20):
+        w.append(token_columns(3, 3 * b), {{"s": ramp(3 * b, 3, 5)}})
+        w.commit()
+        time.sleep(0.01)
+    w.abort(RuntimeError("the model ran out of memory"))
+    """
+)
+
+
+@pytest.mark.timeout(120)
+def test_a_follower_does_not_cost_the_final_document(backend: str, tmp_path: Path) -> None:
+    """An audit: while another process followed an HDF5 capture, the writer could not
+    rewrite the root attribute at close (the follower's handle held HDF5's lock), so the
+    abort's error message was lost for good. A follower that sees the final commit record
+    now lets go of the file after each refresh until the attribute is rewritten."""
+    path = tmp_path / f"abort{backend}"
+    script = ABORTING_WRITER.format(tests=str(Path(__file__).parent), path=str(path))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline().strip() == "open"
+        cap = open_capture(path)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        while proc.poll() is None:
+            cap.refresh()
+            time.sleep(0.005)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "could not be written" not in stderr, stderr
+    cap.refresh()
+    assert (cap.status, cap.num_rows) == ("aborted", 60)
+    assert "the model ran out of memory" in str(cap.metadata["error"])
+    cap.close()
+
+
 def test_exception_in_block_aborts_and_keeps_data(backend: str, tmp_path: Path) -> None:
     path = tmp_path / f"abort{backend}"
     with (
