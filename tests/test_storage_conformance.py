@@ -5,6 +5,7 @@ Every test is parametrised by the ``backend`` fixture (path suffix ``.zarr`` or 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -15,6 +16,7 @@ import textwrap
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -569,11 +571,12 @@ LIVE_WRITER = textwrap.dedent(
 )
 
 
-@pytest.mark.timeout(120)
-def test_refresh_follows_a_writer_in_another_process(backend: str, tmp_path: Path) -> None:
-    """A reader keeps the capture open while another process writes and closes it."""
-    path = tmp_path / f"xlive{backend}"
-    script = LIVE_WRITER.format(tests=str(Path(__file__).parent), path=str(path))
+@contextlib.contextmanager
+def writer_process(template: str, path: Path) -> Iterator[tuple[Any, Any]]:
+    """Run the writer script ``template`` (formatted with ``tests`` and ``path``) in a
+    child process; once it has created the capture, open it here and let the writer go
+    on. Yields ``(process, capture)``; the process is killed if still running after."""
+    script = template.format(tests=str(Path(__file__).parent), path=str(path))
     proc = subprocess.Popen(
         [sys.executable, "-c", script],
         stdin=subprocess.PIPE,
@@ -587,6 +590,17 @@ def test_refresh_follows_a_writer_in_another_process(backend: str, tmp_path: Pat
         cap = open_capture(path)
         proc.stdin.write("go\n")
         proc.stdin.flush()
+        yield proc, cap
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.timeout(120)
+def test_refresh_follows_a_writer_in_another_process(backend: str, tmp_path: Path) -> None:
+    """A reader keeps the capture open while another process writes and closes it."""
+    path = tmp_path / f"xlive{backend}"
+    with writer_process(LIVE_WRITER, path) as (proc, cap):
         seen = []
         while True:
             done = proc.poll() is not None
@@ -598,9 +612,6 @@ def test_refresh_follows_a_writer_in_another_process(backend: str, tmp_path: Pat
                 break
             time.sleep(0.005)
         _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 0, stderr  # closing works while a reader holds the file
     assert seen == sorted(seen) and len(set(seen)) > 2, seen
     assert cap.status == "complete" and cap.num_rows == 120
@@ -638,27 +649,11 @@ def test_a_follower_does_not_cost_the_final_document(backend: str, tmp_path: Pat
     abort's error message was lost for good. A follower that sees the final commit record
     now lets go of the file after each refresh until the attribute is rewritten."""
     path = tmp_path / f"abort{backend}"
-    script = ABORTING_WRITER.format(tests=str(Path(__file__).parent), path=str(path))
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdin is not None
-        assert proc.stdout.readline().strip() == "open"
-        cap = open_capture(path)
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
+    with writer_process(ABORTING_WRITER, path) as (proc, cap):
         while proc.poll() is None:
             cap.refresh()
             time.sleep(0.005)
         _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 0, stderr
     assert "could not be written" not in stderr, stderr
     cap.refresh()
