@@ -230,7 +230,19 @@ def cmd_info(args: argparse.Namespace) -> int:
         return EXIT_OK
     ratio = info["compression_ratio"]
     print(f"{info['path']}  ({info['backend']}, format {info['format_version']})")
-    print(f"  status   {info['status']}" + (f"  error: {info['error']}" if info["error"] else ""))
+    state = ""
+    if info["writer_live"] is True:
+        state = f"  (a writer is live; last commit {info['updated'] or 'none yet'})"
+    elif info["writer_live"] is False:
+        state = (
+            f"  (no live writer: it stopped without closing; last commit "
+            f"{info['updated'] or 'none'}; the committed rows are readable)"
+        )
+    print(
+        f"  status   {info['status']}"
+        + state
+        + (f"  error: {info['error']}" if info["error"] else "")
+    )
     print(f"  rows     {info['rows']}  (chunk_rows {info['chunk_rows']})")
     comp = info["compression"]
     print(

@@ -15,6 +15,7 @@ import stat
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -912,7 +913,7 @@ class Capture:
         del rec_ds  # handles are closed under the lock (see _read_hdf5_frame)
         if not np.issubdtype(rec.dtype, np.integer):
             raise FormatError(f"{where}: {COMMIT_DATASET} must hold integers; got {rec.dtype}")
-        seq, rows, code = int(rec[0]), int(rec[1]), int(rec[2])
+        seq, rows, code, when = int(rec[0]), int(rec[1]), int(rec[2]), int(rec[3])
         if code not in _STATUS_BY_CODE or rows < 0 or seq < 0:
             raise FormatError(f"{where}: invalid commit record {rec.tolist()}")
         # The commit record is authoritative while it is newer than the root attribute.
@@ -921,6 +922,9 @@ class Capture:
             root["committed_rows"] = rows
             root["status"] = _STATUS_BY_CODE[code]
             root["commit_seq"] = seq
+            if stale_attribute and 0 < when < 1 << 50:  # the record's time of publish (ms)
+                moment = datetime.fromtimestamp(when / 1000, UTC)
+                root["updated"] = moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
         names = [(TOKENS_GROUP, c) for c in root["token_columns"]] + [
             (ACTIVATIONS_GROUP, s) for s in root["sites"]
         ]

@@ -41,6 +41,27 @@ def stored_bytes(capture: Capture, key: str) -> int:
             del ds
 
 
+def writer_live(path: str | os.PathLike[str]) -> bool:
+    """Whether a writer holds the capture at ``path`` open, on this host (SPEC 7.5): its
+    lock file exists and a non-blocking ``flock`` on it fails. An ``in_progress`` capture
+    with no live writer is a crashed one. ``flock`` may not see a writer on another host
+    of a network file system."""
+    import fcntl
+
+    lock = Path(path).with_name(Path(path).name + ".lock")
+    try:
+        fd = os.open(lock, os.O_RDONLY)  # never created here (SPEC 7.5)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # (drops a lock just taken)
+    return False
+
+
 def summary(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Status, rows, and per-site dtype, shape, raw and stored bytes of a capture."""
     cap = open_capture(path)
@@ -71,6 +92,8 @@ def summary(path: str | os.PathLike[str]) -> dict[str, Any]:
         "backend": cap.backend,
         "format_version": cap.format_version,
         "status": cap.status,
+        "writer_live": writer_live(cap.path) if cap.status == "in_progress" else None,
+        "updated": meta.get("updated"),
         "rows": cap.num_rows,
         "chunk_rows": cap.chunk_rows,
         "compression": meta["compression"],

@@ -551,3 +551,37 @@ def test_report_of_a_live_capture_says_which_rows_it_shows(tmp_path: Path) -> No
     assert "status then: in_progress" in page
     assert "<td>100</td>" in page  # the capture now
     assert "norms.png" not in page and not (tmp_path / "norms.png").exists()
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_info_tells_a_live_writer_from_a_dead_one(
+    tmp_path: Path, suffix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An audit: a capture whose writer was killed stays ``in_progress`` for good, and
+    `info` gave no hint that nothing was writing it. It now asks the lock file (SPEC 7.5)
+    and shows the last commit's time (for HDF5, the commit record's)."""
+    path = tmp_path / f"c{suffix}"
+    cols = ("token_id", "sequence", "position", "step")
+    w = CaptureWriter(path, [SiteInfo("a", (4,))], chunk_rows=4)
+    w.append({c: np.arange(6) for c in cols}, {"a": np.ones((6, 4), np.float32)})
+    w.commit()
+    assert main(["info", str(path)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "in_progress  (a writer is live; last commit 20" in out
+    w.close()
+    code = (
+        "import sys, os, numpy as np\n"
+        "from llminstr.format import SiteInfo\n"
+        "from llminstr.storage.writer import CaptureWriter\n"
+        "w = CaptureWriter(sys.argv[1], [SiteInfo('a', (4,))], chunk_rows=4, overwrite=True)\n"
+        "cols = ('token_id', 'sequence', 'position', 'step')\n"
+        "w.append({c: np.arange(6) for c in cols}, {'a': np.ones((6, 4), np.float32)})\n"
+        "w.commit()\n"
+        "os._exit(0)  # killed: no close\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True, timeout=60)
+    assert main(["info", str(path)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "in_progress  (no live writer: it stopped without closing; last commit 20" in out
+    info = json.loads((main(["info", str(path), "--json"]), capsys.readouterr().out)[1])
+    assert info["writer_live"] is False and info["rows"] == 6 and info["updated"] is not None
