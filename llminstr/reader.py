@@ -500,8 +500,37 @@ _H5_FILES: dict[str, tuple[Any, tuple[int, int]]] = {}
 #: since), so nothing in the file can change under them.
 _H5_SETTLED: set[int] = set()
 _H5_LOCK = threading.RLock()
+#: Real paths of HDF5 captures whose live writer has published its final commit record
+#: but not yet rewritten the root attribute: handles to them are closed after each use,
+#: so that this process does not stop that rewrite (section 7.3).
+_H5_RELEASE: set[str] = set()
 #: HDF5 files a process keeps open for reading at most; the least recently used is closed.
 HDF5_MAX_OPEN_FILES = 16
+
+
+def writer_live(path: str | os.PathLike[str]) -> bool:
+    """Whether a writer holds the capture at ``path`` open, on this host (SPEC 7.5): its
+    lock file ``<path>.lock`` exists and a non-blocking ``flock`` on it fails. The path is
+    tried as given and with symbolic links resolved (a writer puts its lock file beside
+    the path it was given). An ``in_progress`` capture with no live writer is a crashed
+    one. ``flock`` may not see a writer on another host of a network file system."""
+    import fcntl
+
+    spellings = {os.path.abspath(path), os.path.realpath(path)}
+    for spelling in spellings:
+        try:
+            fd = os.open(spelling + ".lock", os.O_RDONLY)  # never created here (SPEC 7.5)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            continue
+        finally:
+            os.close(fd)  # (drops a lock just taken)
+    return False
 
 
 def _h5_file(path: str) -> Any:
@@ -580,6 +609,10 @@ def _read_hdf5_frame(
                 return 0, None
         finally:
             del ds  # closed under the lock: one open handle per dataset at a time
+            real = os.path.realpath(path)
+            if real in _H5_RELEASE:  # the writer is about to rewrite the root attribute
+                del f
+                _forget_hdf5_locked(real)
     return int(mask), bytes(frame)
 
 
@@ -725,9 +758,14 @@ class Capture:
             self._identity = identity
             self._check_layout(root_doc)
             self._check_last_chunks(root_doc)
-            if self._release_hdf5:  # see _hdf5_read_root
+            if self.backend == "hdf5":
+                real = os.path.realpath(self.path)
                 with _H5_LOCK:
-                    _forget_hdf5_locked(os.path.realpath(self.path))
+                    if self._release_hdf5:  # see _hdf5_read_root
+                        _H5_RELEASE.add(real)
+                        _forget_hdf5_locked(real)
+                    else:
+                        _H5_RELEASE.discard(real)
             # (the docs first: a capture's sites never change, so the old root fits them)
             self._array_docs, self._array_lengths = self._new_docs, self._new_lengths
             self._root = root_doc
@@ -922,9 +960,13 @@ class Capture:
             root["committed_rows"] = rows
             root["status"] = _STATUS_BY_CODE[code]
             root["commit_seq"] = seq
-            if stale_attribute and 0 < when < 1 << 50:  # the record's time of publish (ms)
-                moment = datetime.fromtimestamp(when / 1000, UTC)
-                root["updated"] = moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            if stale_attribute and when > 0:  # the record's time of publish (ms)
+                try:  # (informative, SPEC 6.3: a time datetime cannot hold is left out)
+                    moment = datetime.fromtimestamp(when / 1000, UTC)
+                    stamp = moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+                    root["updated"] = stamp
+                except (ValueError, OverflowError, OSError):
+                    pass
         names = [(TOKENS_GROUP, c) for c in root["token_columns"]] + [
             (ACTIVATIONS_GROUP, s) for s in root["sites"]
         ]
@@ -965,7 +1007,7 @@ class Capture:
             self._new_lengths[key] = int(ds.shape[0])
             del ds
         if root["status"] != "in_progress":
-            if stale_attribute:
+            if stale_attribute and writer_live(self.path):
                 # The writer has published its final record and is about to rewrite the
                 # root attribute without SWMR (section 7.3), which a handle kept open
                 # here would stop, in another process for good (its error message was

@@ -18,7 +18,7 @@ from llminstr.errors import (
     NotACaptureError,
 )
 from llminstr.format import ACTIVATIONS_GROUP, TOKENS_GROUP, SiteInfo
-from llminstr.reader import Capture, open_capture
+from llminstr.reader import Capture, open_capture, writer_live
 
 
 def stored_bytes(capture: Capture, key: str) -> int:
@@ -39,27 +39,6 @@ def stored_bytes(capture: Capture, key: str) -> int:
             return int(ds.id.get_storage_size())
         finally:
             del ds
-
-
-def writer_live(path: str | os.PathLike[str]) -> bool:
-    """Whether a writer holds the capture at ``path`` open, on this host (SPEC 7.5): its
-    lock file exists and a non-blocking ``flock`` on it fails. An ``in_progress`` capture
-    with no live writer is a crashed one. ``flock`` may not see a writer on another host
-    of a network file system."""
-    import fcntl
-
-    lock = Path(path).with_name(Path(path).name + ".lock")
-    try:
-        fd = os.open(lock, os.O_RDONLY)  # never created here (SPEC 7.5)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # (drops a lock just taken)
-    return False
 
 
 def summary(path: str | os.PathLike[str]) -> dict[str, Any]:

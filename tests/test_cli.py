@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -585,3 +586,34 @@ def test_info_tells_a_live_writer_from_a_dead_one(
     assert "in_progress  (no live writer: it stopped without closing; last commit 20" in out
     info = json.loads((main(["info", str(path), "--json"]), capsys.readouterr().out)[1])
     assert info["writer_live"] is False and info["rows"] == 6 and info["updated"] is not None
+
+
+def test_writer_live_through_other_spellings_and_a_probe_does_not_stop_a_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: through a symbolic link `writer_live` said False for a live writer, and
+    for "." it raised; and a writer starting while a probe held its shared lock for an
+    instant was refused as a second writer."""
+    import fcntl
+    import threading
+
+    from llminstr.tools import writer_live
+
+    path = tmp_path / "c.zarr"
+    link = tmp_path / "link.zarr"
+    cols = ("token_id", "sequence", "position", "step")
+    with CaptureWriter(path, [SiteInfo("a", (4,))], chunk_rows=4) as w:
+        link.symlink_to(path)
+        w.append({c: np.arange(4) for c in cols}, {"a": np.ones((4, 4), np.float32)})
+        assert writer_live(link) and writer_live(path)
+        monkeypatch.chdir(path)
+        assert writer_live(".") and writer_live(str(path) + "/")
+    assert not writer_live(link) and not writer_live(".")
+    # a probe holding the shared lock while a writer starts
+    lock = tmp_path / "d.zarr.lock"
+    lock.touch()
+    fd = os.open(lock, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    threading.Timer(0.1, lambda: os.close(fd)).start()
+    with CaptureWriter(tmp_path / "d.zarr", [SiteInfo("a", (4,))], chunk_rows=4) as w:
+        w.append({c: np.arange(4) for c in cols}, {"a": np.ones((4, 4), np.float32)})

@@ -260,3 +260,50 @@ def test_a_reader_in_the_writers_process_does_not_fail_its_close(
     with h5py.File(path, "r", swmr=True) as f:  # the root attribute itself
         written = json.loads(f.attrs["llminstr"])["status"]
     assert written == ("in_progress" if again else "complete")  # rewritten, or not
+
+
+def test_a_stale_root_attribute_without_a_live_writer_is_settled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader lets go of a file whose final record is newer than its root attribute only
+    while a writer is live: when the writer skipped its final rewrite (a nearly full disk)
+    and is gone, every refresh reopened the file (a review: 201 opens for 200 refreshes)."""
+    from llminstr.storage import backends
+
+    path = tmp_path / "c.h5"
+    monkeypatch.setattr(backends, "_FINAL_FREE_BYTES", 1 << 62)  # the rewrite is skipped
+    w = CaptureWriter(path, [SiteInfo("a", (3,))], chunk_rows=4)
+    w.append({c: np.arange(6) for c in w.token_columns}, {"a": np.ones((6, 3), np.float32)})
+    with pytest.warns(RuntimeWarning, match="not rewritten"):
+        w.close()
+    opens = []
+    real_open = reader._open_swmr_reader
+
+    def counting(p: str) -> Any:
+        opens.append(p)
+        return real_open(p)
+
+    monkeypatch.setattr(reader, "_open_swmr_reader", counting)
+    reader.forget_hdf5(path)
+    cap = open_capture(path)
+    for _ in range(5):
+        cap.refresh()
+        assert cap.read("a").shape == (6, 3)
+    assert (cap.status, len(opens)) == ("complete", 1)
+
+
+def test_a_commit_record_time_datetime_cannot_hold_is_left_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit record's time is informative (SPEC 6.3); one past year 9999 made the
+    capture unopenable once readers derived ``updated`` from it (a review)."""
+    from llminstr.storage import backends
+
+    monkeypatch.setattr(backends, "_now_ms", lambda: 253402300800000)  # year 10000
+    path = tmp_path / "c.h5"
+    with CaptureWriter(path, [SiteInfo("a", (3,))], chunk_rows=4) as w:
+        w.append({c: np.arange(6) for c in w.token_columns}, {"a": np.ones((6, 3), np.float32)})
+        w.commit()
+        cap = open_capture(path)  # live: the record is newer than the attribute
+        assert cap.num_rows == 6 and cap.metadata["updated"] is None
+        cap.close()

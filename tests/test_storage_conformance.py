@@ -652,6 +652,8 @@ def test_a_follower_does_not_cost_the_final_document(backend: str, tmp_path: Pat
     with writer_process(ABORTING_WRITER, path) as (proc, cap):
         while proc.poll() is None:
             cap.refresh()
+            if cap.num_rows:  # reads reopen the file: they let go of it too (review)
+                np.testing.assert_array_equal(cap.read("s"), ramp(0, cap.num_rows, 5))
             time.sleep(0.005)
         _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr

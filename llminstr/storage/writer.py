@@ -212,12 +212,18 @@ class _PathLock:
         import fcntl
 
         self.lock_path = path.with_name(path.name + ".lock")
+        # A reader asking whether a writer is live holds a shared lock for microseconds
+        # (reader.writer_live): a lock refused for that long is retried.
+        deadline = time.monotonic() + 0.5
         while True:
             self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(self._fd)
+                if time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    continue
                 raise CaptureLockedError(
                     f"another writer holds {str(path)!r} (lock file {str(self.lock_path)!r}); "
                     "two writers on one capture are refused"
