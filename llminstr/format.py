@@ -63,8 +63,13 @@ _RESERVED_NAMES = frozenset({".", "..", "zarr.json"})
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}$")
 
 
+def utc_text(moment: datetime) -> str:
+    """A UTC time as the documents write it: ISO 8601, milliseconds, ``Z``."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return utc_text(datetime.now(UTC))
 
 
 def check_name(name: str) -> str:

@@ -8,6 +8,7 @@ subclasses that name the site and chunk.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -43,6 +44,7 @@ from llminstr.format import (
     STORAGE_DTYPE,
     TOKENS_GROUP,
     parse_document,
+    utc_text,
     validate_root,
     validate_site,
     validate_token,
@@ -609,9 +611,9 @@ def _read_hdf5_frame(
                 return 0, None
         finally:
             del ds  # closed under the lock: one open handle per dataset at a time
-            real = os.path.realpath(path)
-            if real in _H5_RELEASE:  # the writer is about to rewrite the root attribute
-                del f
+            # (an empty set costs no realpath: this runs for every chunk read)
+            if _H5_RELEASE and (real := os.path.realpath(path)) in _H5_RELEASE:
+                del f  # the writer is about to rewrite the root attribute
                 _forget_hdf5_locked(real)
     return int(mask), bytes(frame)
 
@@ -961,12 +963,9 @@ class Capture:
             root["status"] = _STATUS_BY_CODE[code]
             root["commit_seq"] = seq
             if stale_attribute and when > 0:  # the record's time of publish (ms)
-                try:  # (informative, SPEC 6.3: a time datetime cannot hold is left out)
-                    moment = datetime.fromtimestamp(when / 1000, UTC)
-                    stamp = moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-                    root["updated"] = stamp
-                except (ValueError, OverflowError, OSError):
-                    pass
+                # (informative, SPEC 6.3: a time datetime cannot hold is left out)
+                with contextlib.suppress(ValueError, OverflowError, OSError):
+                    root["updated"] = utc_text(datetime.fromtimestamp(when / 1000, UTC))
         names = [(TOKENS_GROUP, c) for c in root["token_columns"]] + [
             (ACTIVATIONS_GROUP, s) for s in root["sites"]
         ]

@@ -168,10 +168,10 @@ class TaskGraph:
 
     ``dask.delayed`` calls walk every argument looking for collections and merge graphs
     at each call: for the statistics pass that was most of the graph building time
-    (4 ms for a 12-task graph on the 2-core VM, 80 µs per task), spent on the
+    (4-6 ms for a 12-task graph on the 2-core VM), spent on the
     scheduler's thread while the block tasks compete for the same cores. Here each task is
     a ``dask._task_spec.Task`` whose arguments are taken as they are (only
-    :class:`Ref` arguments, and lists or dicts of them, are dependencies). Keys are the
+    ``TaskRef`` arguments, and lists or dicts of them, are dependencies). Keys are the
     caller's, so equal requests in one compute still share their tasks."""
 
     def __init__(self, name: str) -> None:

@@ -857,16 +857,16 @@ class CaptureWriter:
                 state.stored_bytes -= state.tail[1]  # the tail's frame was replaced
                 state.tail = None
             state.stored_bytes += frame_bytes
-            if not full:
-                state.tail = (index, frame_bytes)
             if full:
                 state.done.add(index)
                 while state.full_done in state.done:
                     state.done.discard(state.full_done)
                     state.full_done += 1
                 state.durable = max(state.durable, state.full_done * self.chunk_rows)
-            elif index == state.full_done:
-                state.durable = max(state.durable, index * self.chunk_rows + nrows)
+            else:
+                state.tail = (index, frame_bytes)
+                if index == state.full_done:
+                    state.durable = max(state.durable, index * self.chunk_rows + nrows)
         if may_publish and time.monotonic() - self._last_publish >= self.commit_interval_s:
             self._publish()
 
